@@ -1,0 +1,7 @@
+"""``python -m KANTumorSegLib``: the same as the ``kantumorseg`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

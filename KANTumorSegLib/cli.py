@@ -1,0 +1,126 @@
+"""The ``kantumorseg`` command: ``segment`` a case, or print ``info``.
+
+Every user error ends in one sentence on stderr and exit code 2; an interrupt ends in
+exit code 130 (SIGINT) or 143 (SIGTERM) with no partial output; ``--debug`` shows
+tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import KANTumorSegError
+
+EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+
+
+class Interrupted(Exception):
+    """Raised from a SIGTERM handler so that cleanup (``finally``, ``with``) runs."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Interrupted()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .inference import DEVICES
+    from .labels import LABEL_CONVENTIONS
+    from .weights import default_model_path
+
+    parser = argparse.ArgumentParser(prog="kantumorseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"kantumorseg {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    segment = commands.add_parser("segment", help="segment the brain tumour of one case")
+    segment.add_argument("case_dir", nargs="?", type=Path,
+                         help="folder with the four modalities named as in BraTS (_t1, _t1ce, _t2, _flair or -t1n, -t1c, -t2w, -t2f)")
+    segment.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
+    for modality in ("t1", "t1ce", "t2", "flair"):
+        segment.add_argument(f"--{modality}", type=Path, help=f"the {modality.upper()} image (overrides the case folder)")
+    segment.add_argument("--case-name", help="name used for the output files (default: from the T1ce file name)")
+    segment.add_argument("--model", type=Path, default=default_model_path(), help="weights file (.safetensors, with its .json card)")
+    segment.add_argument("--device", choices=DEVICES, default="auto", help="auto picks CUDA, then MPS, then the CPU")
+    segment.add_argument("--labels", choices=sorted(LABEL_CONVENTIONS), default="brats2020",
+                         help="brats2020: 0/1/2/4 (default); brats2023: 0/1/2/3")
+    segment.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (halved automatically on GPU out-of-memory)")
+    segment.add_argument("--overwrite", action="store_true", help="replace existing outputs of this case")
+    segment.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
+                         help="bar on stderr, or one JSON line per step on stdout (for Slicer)")
+    segment.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    info = commands.add_parser("info", help="version, devices and the model card")
+    info.add_argument("--model", type=Path, default=default_model_path())
+    info.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from .case_files import case_name, find_modalities
+    from .pipeline import segment_case
+    from .progress import make_progress
+
+    if args.case_dir is None and not all(getattr(args, m) for m in ("t1", "t1ce", "t2", "flair")):
+        raise KANTumorSegError("Give a case folder, or all four of --t1 --t1ce --t2 --flair.")
+    if args.batch_size < 1:
+        raise KANTumorSegError("--batch-size must be at least 1.")
+    paths = find_modalities(args.case_dir, {m: getattr(args, m) for m in ("t1", "t1ce", "t2", "flair")})
+    case = args.case_name or case_name(paths)
+    result = segment_case(paths, args.output, case, args.model, args.device, args.labels,
+                          args.overwrite, args.batch_size, make_progress(args.progress))
+    if args.progress == "jsonl":
+        print(json.dumps({"stage": "done", "case": case, "device": result.device,
+                          "files": {k: str(v) for k, v in result.files.items()}}), flush=True)
+    else:
+        print(f"Segmented {case} on {result.device}. Volumes (mL):")
+        for row in result.volumes["regions"]:
+            print(f"  {row['name']:<4} {row['volume_ml']:10.2f}  {row['description']}")
+        print("Files:")
+        for path in result.files.values():
+            print(f"  {path}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .inference import choose_device
+    from .weights import read_card
+
+    print(f"kantumorseg {__version__}, torch {torch.__version__}")
+    print(f"device (auto): {choose_device('auto')}")
+    print(f"model: {args.model}")
+    card = read_card(args.model)
+    print(json.dumps({k: v for k, v in card.items() if k != "sha256"}, indent=2))
+    return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"kantumorseg: warning: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return run_segment(args) if args.command == "segment" else run_info(args)
+    except KANTumorSegError as error:
+        if args.debug:
+            raise
+        print(f"kantumorseg: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("kantumorseg: interrupted; no output was written.", file=sys.stderr)
+        return 130
+    except Interrupted:
+        print("kantumorseg: terminated; no output was written.", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,103 @@
+"""Kolmogorov-Arnold convolution: a learned function of every input value, then a convolution.
+
+A FastKAN layer replaces the fixed activation of a convolution by a learned univariate
+function per input channel, written as a weighted sum of basis functions. The weights of
+that sum and the spatial kernel are learned together by one convolution over the
+expanded channels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+BASES = ("gaussian", "chebyshev")
+
+
+class GaussianRBF(nn.Module):
+    """Gaussian radial basis exp(-((x - c_k) / h)^2), centres c_k evenly spaced on
+    [grid_min, grid_max] and h their spacing (FastKAN; the study's basis)."""
+
+    def __init__(self, num_grids: int = 4, grid_min: float = -1.0, grid_max: float = 1.0) -> None:
+        super().__init__()
+        if num_grids < 2:
+            raise ValueError("num_grids must be at least 2")
+        centres = torch.linspace(grid_min, grid_max, num_grids)
+        self.register_buffer("centres", centres, persistent=False)
+        self.inv_width = (num_grids - 1) / (grid_max - grid_min)
+        self.num_functions = num_grids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C * num_grids, H, W), grouped by basis function."""
+        centres = self.centres.to(x.dtype).view(1, -1, 1, 1, 1)
+        z = (x.unsqueeze(1) - centres) * self.inv_width
+        return torch.exp(-z * z).flatten(1, 2)
+
+
+class ChebyshevBasis(nn.Module):
+    """Chebyshev polynomials T_1..T_n of tanh(x): a global, non-local alternative basis
+    (the study's stated limit was one basis function)."""
+
+    def __init__(self, num_grids: int = 4, grid_min: float = -1.0, grid_max: float = 1.0) -> None:
+        super().__init__()
+        if num_grids < 1:
+            raise ValueError("num_grids must be at least 1")
+        self.num_functions = num_grids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C * num_grids, H, W): T_1(t), ..., T_n(t) with t = tanh(x)."""
+        t = torch.tanh(x)
+        terms = [t]
+        previous = torch.ones_like(t)
+        for _ in range(self.num_functions - 1):
+            previous, current = terms[-1], 2 * t * terms[-1] - previous
+            terms.append(current)
+        return torch.cat(terms, dim=1)
+
+
+def make_basis(name: str, num_grids: int, grid_min: float, grid_max: float) -> nn.Module:
+    """The basis module called ``name`` (one of BASES)."""
+    if name == "gaussian":
+        return GaussianRBF(num_grids, grid_min, grid_max)
+    if name == "chebyshev":
+        return ChebyshevBasis(num_grids, grid_min, grid_max)
+    raise ValueError(f"unknown basis {name!r}; choose one of {', '.join(BASES)}")
+
+
+class FastKANConv2d(nn.Module):
+    """FastKAN convolution: conv(basis(x)) + conv(SiLU(x)), run as one convolution.
+
+    The base branch (SiLU) and the basis expansion are concatenated along channels so a
+    single ``Conv2d`` computes both sums; its weight is the two branch kernels side by
+    side (``split_weights`` returns them). Channels are ordered [SiLU(x), basis_1(x), ...].
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        padding: int = 1,
+        num_grids: int = 4,
+        grid_min: float = -1.0,
+        grid_max: float = 1.0,
+        basis: str = "gaussian",
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.basis = make_basis(basis, num_grids, grid_min, grid_max)
+        expanded = in_channels * (1 + self.basis.num_functions)
+        self.conv = nn.Conv2d(expanded, out_channels, kernel_size, padding=padding, bias=bias)
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """The concatenated input of the fused convolution."""
+        return torch.cat([F.silu(x), self.basis(x)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.expand(x))
+
+    def split_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base kernel over SiLU(x), spline kernel over the basis channels)."""
+        return self.conv.weight[:, : self.in_channels], self.conv.weight[:, self.in_channels :]

@@ -1,0 +1,44 @@
+"""Tumour volumes in millilitres, per class and per BraTS region."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .labels import ED, ET, NCR, region_mask
+
+VOLUME_ROWS: tuple[tuple[str, str], ...] = (
+    ("NCR", "Necrotic and non-enhancing core"),
+    ("ED", "Edema"),
+    ("ET", "Enhancing tumour"),
+    ("WT", "Whole tumour (NCR + ED + ET)"),
+    ("TC", "Tumour core (NCR + ET)"),
+)
+
+
+def tumour_volumes(labels: np.ndarray, spacing_mm: tuple[float, float, float]) -> dict:
+    """Voxel counts and volumes (mL) of NCR, ED, ET, WT and TC in an internal labelmap."""
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    counts = {
+        "NCR": int((labels == NCR).sum()),
+        "ED": int((labels == ED).sum()),
+        "ET": int((labels == ET).sum()),
+        "WT": int(region_mask(labels, "WT").sum()),
+        "TC": int(region_mask(labels, "TC").sum()),
+    }
+    return {
+        "spacing_mm": [float(s) for s in spacing_mm],
+        "voxel_volume_ml": voxel_ml,
+        "regions": [
+            {"name": name, "description": description, "voxels": counts[name],
+             "volume_ml": round(counts[name] * voxel_ml, 4)}
+            for name, description in VOLUME_ROWS
+        ],
+    }
+
+
+def volumes_csv(volumes: dict) -> str:
+    """The volume table as CSV text (region, description, voxels, volume_ml)."""
+    lines = ["region,description,voxels,volume_ml"]
+    lines += [f"{r['name']},{r['description'].replace(',', ' ')},{r['voxels']},{r['volume_ml']}"
+              for r in volumes["regions"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,115 @@
+"""Everything ``kantumorseg segment`` writes, written atomically.
+
+Files are first written into a hidden temporary folder inside the output folder and
+renamed into place only when all of them exist, so an interrupted or failed run leaves
+nothing behind, and an existing output is never replaced without ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import KANTumorSegError
+from .labels import SEGMENTS, terminology, to_convention
+from .measurements import volumes_csv
+
+
+def output_names(case: str) -> dict[str, str]:
+    """The file name of each output of a case."""
+    return {
+        "labelmap": f"{case}_seg.nii.gz",
+        "segmentation": f"{case}.seg.nrrd",
+        "volumes_json": f"{case}_volumes.json",
+        "volumes_csv": f"{case}_volumes.csv",
+        "overview": f"{case}_overview.png",
+    }
+
+
+class AtomicOutputs:
+    """A staging folder in ``out_dir`` whose files are moved into place on ``commit``."""
+
+    def __init__(self, out_dir: Path, names: dict[str, str], overwrite: bool) -> None:
+        self.out_dir = out_dir
+        self.names = names
+        self.overwrite = overwrite
+        self.staging: Path | None = None
+
+    def __enter__(self) -> AtomicOutputs:
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise KANTumorSegError(f"Output folder {self.out_dir} could not be created ({error.strerror}).") from None
+        if not self.out_dir.is_dir():
+            raise KANTumorSegError(f"Output path {self.out_dir} exists and is not a folder.")
+        if not self.overwrite:
+            existing = [n for n in self.names.values() if (self.out_dir / n).exists()]
+            if existing:
+                raise KANTumorSegError(
+                    f"{self.out_dir / existing[0]} already exists; use --overwrite to replace it or choose another -o folder.")
+        try:
+            self.staging = Path(tempfile.mkdtemp(prefix=".kantumorseg-", dir=self.out_dir))
+        except OSError as error:
+            raise KANTumorSegError(f"Output folder {self.out_dir} is not writable ({error.strerror}).") from None
+        return self
+
+    def path(self, key: str) -> Path:
+        assert self.staging is not None
+        return self.staging / self.names[key]
+
+    def commit(self) -> dict[str, Path]:
+        """Move every staged file into the output folder."""
+        assert self.staging is not None
+        final = {}
+        for key, name in self.names.items():
+            target = self.out_dir / name
+            os.replace(self.path(key), target)
+            final[key] = target
+        return final
+
+    def __exit__(self, *exc) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def write_labelmap(path: Path, labels: sitk.Image, convention: str) -> None:
+    """The labelmap on the reference grid as NIfTI, in the chosen label convention."""
+    array = to_convention(sitk.GetArrayViewFromImage(labels), convention)
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(labels)
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def write_segmentation(path: Path, labels: sitk.Image) -> None:
+    """A Slicer .seg.nrrd with NCR, ED and ET segments, colours and SNOMED CT terminology."""
+    import slicerio
+
+    voxels = sitk.GetArrayFromImage(labels).transpose(2, 1, 0)
+    direction = np.array(labels.GetDirection()).reshape(3, 3)
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = direction * np.array(labels.GetSpacing())
+    ijk_to_lps[:3, 3] = labels.GetOrigin()
+    segmentation = {
+        "voxels": np.ascontiguousarray(voxels, dtype=np.uint8),
+        "ijkToLPS": ijk_to_lps,
+        "encoding": "gzip",
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "segments": [
+            {"id": s.id, "labelValue": s.label, "layer": 0, "name": s.name, "color": list(s.color),
+             "status": "completed", "terminology": terminology(s)}
+            for s in SEGMENTS
+        ],
+    }
+    slicerio.write_segmentation(str(path), segmentation, compression_level=6)
+
+
+def write_volumes(json_path: Path, csv_path: Path, volumes: dict, metadata: dict) -> None:
+    json_path.write_text(json.dumps({**metadata, **volumes}, indent=2) + "\n")
+    csv_path.write_text(volumes_csv(volumes))

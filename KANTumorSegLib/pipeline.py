@@ -1,0 +1,76 @@
+"""One case end to end: read, align, segment, and write every output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .measurements import tumour_volumes
+from .progress import no_progress
+
+
+@dataclass
+class SegmentResult:
+    """What a run wrote and measured."""
+
+    case: str
+    files: dict[str, Path]
+    volumes: dict
+    device: str
+
+
+def segment_case(
+    paths: dict[str, Path],
+    out_dir: Path,
+    case: str,
+    model_path: Path,
+    device: str = "auto",
+    labels: str = "brats2020",
+    overwrite: bool = False,
+    batch_size: int = 16,
+    progress: Callable[[str, int, int], None] = no_progress,
+) -> SegmentResult:
+    """Segment one case and write its labelmap, .seg.nrrd, volumes and overview."""
+    import SimpleITK as sitk
+
+    from . import __version__
+    from .inference import SlicePredictor, choose_device, segment_volume
+    from .outputs import AtomicOutputs, output_names, write_labelmap, write_segmentation, write_volumes
+    from .overview import write_overview
+    from .volumes import labels_to_reference, load_case
+    from .weights import load_model, sha256_of
+
+    names = output_names(case)
+    torch_device = choose_device(device)
+    # Check the output folder and the model before the slow part, so mistakes show at once.
+    with AtomicOutputs(out_dir, names, overwrite) as outputs:
+        model, card, preprocessing = load_model(model_path)
+        progress("read", 0, 4)
+        volume, grid = load_case(paths)
+        progress("read", 4, 4)
+        predictor = SlicePredictor(model, torch_device, batch_size)
+        model_labels = segment_volume(volume, predictor, preprocessing, progress)
+        reference_labels = labels_to_reference(model_labels, grid)
+
+        steps = 4
+        progress("write", 0, steps)
+        write_labelmap(outputs.path("labelmap"), reference_labels, labels)
+        progress("write", 1, steps)
+        write_segmentation(outputs.path("segmentation"), reference_labels)
+        progress("write", 2, steps)
+        volumes = tumour_volumes(sitk.GetArrayViewFromImage(reference_labels), reference_labels.GetSpacing())
+        metadata = {
+            "case": case,
+            "inputs": {m: str(p) for m, p in paths.items()},
+            "reference": "t1ce",
+            "model": {"file": str(model_path), "sha256": sha256_of(model_path), "name": card.get("name", "")},
+            "label_convention": labels,
+            "kantumorseg_version": __version__,
+        }
+        write_volumes(outputs.path("volumes_json"), outputs.path("volumes_csv"), volumes, metadata)
+        progress("write", 3, steps)
+        write_overview(outputs.path("overview"), volume, model_labels)
+        progress("write", 4, steps)
+        files = outputs.commit()
+    return SegmentResult(case, files, volumes, str(predictor.device))

@@ -1,0 +1,121 @@
+"""The study's per-slice preprocessing, shared by training and inference.
+
+Slices are arrays of shape (4, X, Y) in the model's channel order (T1, T1ce, T2, FLAIR)
+and the model's in-plane layout (first axis towards the patient's left, second towards
+posterior: the layout of BraTS NIfTI ``data[:, :, z]`` and of the Kaggle HDF5 slices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+"""The model's fixed input channel order."""
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    """Parameters of the per-slice preprocessing; stored in every model card.
+
+    Each modality is min-max scaled over the whole slice to u in [0, 1], gamma-corrected
+    as u ** gamma, then mapped to [-1, 1] as 2 * u ** gamma - 1. Gamma > 1 darkens the
+    mid-range and stretches the bright end (tumour in T1ce, T2 and FLAIR).
+    """
+
+    gamma: tuple[float, ...] = (1.0, 1.5, 1.5, 1.2)
+    crop_size: int = 224
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["gamma"] = list(self.gamma)
+        data["channels"] = list(MODALITIES)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreprocessingConfig:
+        channels = data.get("channels", list(MODALITIES))
+        if list(channels) != list(MODALITIES):
+            raise ValueError(f"channel order {channels} is not {list(MODALITIES)}")
+        return cls(gamma=tuple(float(g) for g in data["gamma"]), crop_size=int(data["crop_size"]))
+
+
+def brain_mask(slice_: np.ndarray) -> np.ndarray:
+    """(X, Y) mask of voxels above the slice minimum in any modality.
+
+    On skull-stripped BraTS data the background is the slice minimum (0 in raw NIfTI,
+    a negative constant in z-scored slices), so this is the brain.
+    """
+    flat = slice_.reshape(slice_.shape[0], -1)
+    minimum = flat.min(axis=1).reshape(-1, 1, 1)
+    return (slice_ > minimum).any(axis=0)
+
+
+def scale_intensities(slice_: np.ndarray, config: PreprocessingConfig) -> np.ndarray:
+    """Min-max scale each modality over the slice to [-1, 1] with the study's gamma.
+
+    Invariant under any positive affine intensity change of a modality. A constant
+    modality (no brain in it) becomes -1.
+    """
+    out = np.empty(slice_.shape, dtype=np.float32)
+    for c, gamma in enumerate(config.gamma):
+        channel = slice_[c].astype(np.float32)
+        low, high = float(channel.min()), float(channel.max())
+        if high > low:
+            unit = (channel - low) / (high - low)
+            out[c] = 2.0 * unit**gamma - 1.0
+        else:
+            out[c] = -1.0
+    return out
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """Where a crop_size x crop_size window sits on a slice (may extend past its edges)."""
+
+    x0: int
+    y0: int
+    size: int
+
+    def source_and_target(self, shape: tuple[int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """Matching index ranges on the slice and on the window (the overlap of both)."""
+        sx0, sy0 = max(self.x0, 0), max(self.y0, 0)
+        sx1, sy1 = min(self.x0 + self.size, shape[0]), min(self.y0 + self.size, shape[1])
+        source = (slice(sx0, sx1), slice(sy0, sy1))
+        target = (slice(sx0 - self.x0, sx1 - self.x0), slice(sy0 - self.y0, sy1 - self.y0))
+        return source, target
+
+
+def brain_crop_box(mask: np.ndarray, size: int) -> CropBox:
+    """A size x size window centred on the bounding box of the brain mask."""
+    xs, ys = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    cx = (xs[0] + xs[-1] + 1) // 2
+    cy = (ys[0] + ys[-1] + 1) // 2
+    return CropBox(int(cx - size // 2), int(cy - size // 2), size)
+
+
+def crop(image: np.ndarray, box: CropBox, fill: float) -> np.ndarray:
+    """Cut the window out of (..., X, Y), padding with ``fill`` outside the slice."""
+    out = np.full((*image.shape[:-2], box.size, box.size), fill, dtype=image.dtype)
+    source, target = box.source_and_target(image.shape[-2:])
+    out[(..., *target)] = image[(..., *source)]
+    return out
+
+
+def paste(window: np.ndarray, box: CropBox, shape: tuple[int, int]) -> np.ndarray:
+    """Put a (size, size) prediction back on a zero slice of ``shape``."""
+    out = np.zeros(shape, dtype=window.dtype)
+    source, target = box.source_and_target(shape)
+    out[source] = window[target]
+    return out
+
+
+def preprocess_slice(slice_: np.ndarray, config: PreprocessingConfig) -> tuple[np.ndarray, CropBox] | None:
+    """(4, X, Y) raw slice -> ((4, crop, crop) model input, its crop box), or None
+    when the slice holds no brain."""
+    mask = brain_mask(slice_)
+    if not mask.any():
+        return None
+    box = brain_crop_box(mask, config.crop_size)
+    return crop(scale_intensities(slice_, config), box, fill=-1.0), box
