@@ -1,0 +1,66 @@
+"""Shared pytest fixtures: the real BraTS samples (skipped where absent) and small models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = Path(os.environ.get("KANTUMORSEG_SAMPLES", REPO.parent / "shared" / "data" / "brats_samples"))
+CASE_001 = "HunorLaczko_IPCV-TRDP_BraTS_2020/example/BraTS20_Training_001"
+
+
+@pytest.fixture(scope="session")
+def brats_samples() -> Path:
+    """The read-only BraTS sample folder (../shared/data/brats_samples); skips when absent."""
+    if not SAMPLES.is_dir():
+        pytest.skip(f"real BraTS samples not found at {SAMPLES} (set KANTUMORSEG_SAMPLES to their folder)")
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def brats_case_001(brats_samples: Path) -> Path:
+    """BraTS20_Training_001: four modalities and the expert segmentation, 240x240x155 LPS."""
+    case = brats_samples / CASE_001
+    if not case.is_dir():
+        pytest.skip(f"{case} not found in the BraTS samples")
+    return case
+
+
+@pytest.fixture(scope="session")
+def cropped_case(brats_case_001: Path, tmp_path_factory) -> Path:
+    """BraTS20_Training_001 cut to the 30 axial slices around the tumour's centre, for fast runs.
+
+    Files are named crop_<modality>.nii.gz (case name "crop"), plus crop_seg.nii.gz outside the
+    case folder's modality names (the expert labels, same grid).
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    out = tmp_path_factory.mktemp("cropped_case")
+    seg = sitk.ReadImage(str(brats_case_001 / "BraTS20_Training_001_seg.nii.gz"))
+    tumour_z = np.nonzero(sitk.GetArrayViewFromImage(seg).any(axis=(1, 2)))[0]
+    centre = int(tumour_z[0] + tumour_z[-1]) // 2
+    for name in ("t1", "t1ce", "t2", "flair", "seg"):
+        image = seg if name == "seg" else sitk.ReadImage(str(brats_case_001 / f"BraTS20_Training_001_{name}.nii.gz"))
+        sitk.WriteImage(image[:, :, centre - 15:centre + 15], str(out / f"crop_{name}.nii.gz"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random-weights KANU-Net with base_width 4 and its model card: fast, not accurate."""
+    import torch
+
+    from KANTumorSegLib.preprocessing import PreprocessingConfig
+    from KANTumorSegLib.unet import KANUNet2D, ModelConfig
+    from KANTumorSegLib.weights import save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_model") / "tiny.safetensors"
+    save_model(KANUNet2D(ModelConfig(base_width=4)), path,
+               {"name": "tiny-random", "preprocessing": PreprocessingConfig().to_dict(), "labels": "brats2020",
+                "training": "none: random weights for tests"})
+    return path
