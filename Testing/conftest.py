@@ -64,3 +64,22 @@ def tiny_model(tmp_path_factory) -> Path:
                {"name": "tiny-random", "preprocessing": PreprocessingConfig().to_dict(), "labels": "brats2020",
                 "training": "none: random weights for tests"})
     return path
+
+
+CASES_3D: dict[str, str] = {
+    "BraTS20_Training_001": CASE_001,
+    "Brats18_2013_2_1": "IAmSuyogJadhav_Brainy/Brats18_2013_2_1",
+    "BraTS2021_00000": "DevNazrin_brats-segmentation-study/example_case",
+}
+"""The three real 3D cases (section A of the samples' README): case name -> folder."""
+
+
+@pytest.fixture(scope="session")
+def case_paths(brats_samples: Path) -> dict[str, dict[str, Path]]:
+    """For each of the three 3D cases: {"t1", "t1ce", "t2", "flair", "seg"} -> its NIfTI file."""
+    paths = {case: {m: brats_samples / folder / f"{case}_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair", "seg")}
+             for case, folder in CASES_3D.items()}
+    missing = [str(p) for files in paths.values() for p in files.values() if not p.is_file()]
+    if missing:
+        pytest.skip(f"3D cases missing from the BraTS samples: {', '.join(missing[:2])}")
+    return paths
