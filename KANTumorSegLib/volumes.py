@@ -25,6 +25,57 @@ SPACING_TOLERANCE = 0.05
 GRID_TOLERANCE = 1e-3
 
 
+def nifti_data_end(header: bytes) -> int | None:
+    """Bytes a NIfTI-1 or NIfTI-2 file must hold (vox_offset + voxel data), from its header;
+    None when the header is not NIfTI."""
+    import struct
+
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        elif len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+        else:
+            continue
+        if not 1 <= dims[0] <= 7:
+            return None
+        return offset + int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=np.int64)) * bitpix // 8
+    return None
+
+
+def check_nifti_complete(path: Path, label: str) -> None:
+    """Refuse a NIfTI file shorter than its header announces, or a broken gzip stream.
+
+    ITK reads a truncated .nii or .nii.gz without any error and fills the missing voxels
+    with zeros, which would silently segment half a head.
+    """
+    import gzip
+    import zlib
+
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(path, "rb") as stream:
+                header = stream.read(544)
+                size = len(header) + sum(len(block) for block in iter(lambda: stream.read(1 << 22), b""))
+        else:
+            with open(path, "rb") as stream:
+                header = stream.read(544)
+            size = path.stat().st_size
+    except (EOFError, OSError, zlib.error) as error:
+        raise KANTumorSegError(f"The {label} file {path} is truncated or corrupt ({error}).") from None
+    expected = nifti_data_end(header)
+    if expected is not None and size < expected:
+        raise KANTumorSegError(
+            f"The {label} file {path} is truncated: it holds {size} bytes of the {expected} its header announces.")
+
+
 def read_image(path: Path, modality: str) -> sitk.Image:
     """Read one 3D scalar image, with a clear error naming the file when it cannot be used."""
     label = modality.upper()
@@ -34,6 +85,7 @@ def read_image(path: Path, modality: str) -> sitk.Image:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
         raise KANTumorSegError(
             f"The {label} file {path} could not be read as an image (corrupt, truncated or not an image file): {reason.strip()}") from None
+    check_nifti_complete(path, label)
     if image.GetNumberOfComponentsPerPixel() != 1:
         components = image.GetNumberOfComponentsPerPixel()
         raise KANTumorSegError(f"The {label} file {path} has {components} components per voxel; a scalar 3D volume is needed.")
