@@ -1,8 +1,8 @@
 """The ``kantumorseg`` command: ``segment`` a case, or print ``info``.
 
-Every user error ends in one sentence on stderr and exit code 2; an interrupt ends in
-exit code 130 (SIGINT) or 143 (SIGTERM) with no partial output; ``--debug`` shows
-tracebacks.
+Every user error (and running out of memory) ends in one sentence on stderr and exit
+code 2; an interrupt ends in exit code 130 (SIGINT) or 143 (SIGTERM) with no partial
+output; a bug ends in exit code 1 with a one-line summary; ``--debug`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -21,12 +21,37 @@ EXIT_USER_ERROR = 2
 EXIT_BUG = 1
 
 
-class Interrupted(Exception):
-    """Raised from a SIGTERM handler so that cleanup (``finally``, ``with``) runs."""
+class Interrupted(BaseException):
+    """Raised from a SIGTERM handler so that cleanup (``finally``, ``with``) runs.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way
+    swallows it.
+    """
 
 
 def _on_sigterm(signum, frame) -> None:
+    _ignore_interrupts()
     raise Interrupted()
+
+
+def _on_sigint(signum, frame) -> None:
+    _ignore_interrupts()
+    raise KeyboardInterrupt()
+
+
+def _ignore_interrupts() -> None:
+    # A second Ctrl-C or SIGTERM during cleanup must not cut the staging folder's removal short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """MemoryError (numpy, Python) or a RuntimeError of a failed allocation (torch, SimpleITK)."""
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        phrase in text for phrase in ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_segment(args: argparse.Namespace) -> int:
     from .case_files import case_name, find_modalities
     from .pipeline import segment_case
-    from .progress import make_progress
+    from .progress import BarProgress, make_progress
 
     if args.case_dir is None and not all(getattr(args, m) for m in ("t1", "t1ce", "t2", "flair")):
         raise KANTumorSegError("Give a case folder, or all four of --t1 --t1ce --t2 --flair.")
@@ -72,8 +97,13 @@ def run_segment(args: argparse.Namespace) -> int:
         raise KANTumorSegError("--batch-size must be at least 1.")
     paths = find_modalities(args.case_dir, {m: getattr(args, m) for m in ("t1", "t1ce", "t2", "flair")})
     case = args.case_name or case_name(paths)
-    result = segment_case(paths, args.output, case, args.model, args.device, args.labels,
-                          args.overwrite, args.batch_size, make_progress(args.progress))
+    progress = make_progress(args.progress)
+    try:
+        result = segment_case(paths, args.output, case, args.model, args.device, args.labels,
+                              args.overwrite, args.batch_size, progress)
+    finally:
+        if isinstance(progress, BarProgress):
+            progress.end_line()
     if args.progress == "jsonl":
         print(json.dumps({"stage": "done", "case": case, "device": result.device,
                           "files": {k: str(v) for k, v in result.files.items()}}), flush=True)
@@ -108,7 +138,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGTERM, _on_sigterm), (signal.SIGINT, _on_sigint))}
     try:
         return run_segment(args) if args.command == "segment" else run_info(args)
     except KANTumorSegError as error:
@@ -116,6 +147,28 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kantumorseg: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except (MemoryError, RuntimeError) as error:
+        if args.debug or not is_out_of_memory(error):
+            raise
+        batch = getattr(args, "batch_size", None)
+        hint = f"lower --batch-size (it was {batch}), " if batch and batch > 1 else ""
+        print(f"kantumorseg: error: out of memory; {hint}close other programs or use a machine with more memory; "
+              "no output was written.", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:
+        # Disk full, permissions changed mid-run: the file and the reason, not a traceback.
+        if args.debug:
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        print(f"kantumorseg: error: could not read or write{where} ({error.strerror or error}); no output was written.",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"kantumorseg: internal error: {type(error).__name__}: {error}; no output was written. "
+              "This is a bug: please report it with the output of the same command run with --debug.", file=sys.stderr)
+        return EXIT_BUG
     except KeyboardInterrupt:
         print("kantumorseg: interrupted; no output was written.", file=sys.stderr)
         return 130
@@ -123,4 +176,5 @@ def main(argv: list[str] | None = None) -> int:
         print("kantumorseg: terminated; no output was written.", file=sys.stderr)
         return 143
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -40,8 +40,10 @@ class AtomicOutputs:
         self.names = names
         self.overwrite = overwrite
         self.staging: Path | None = None
+        self.created_out_dir = False
 
     def __enter__(self) -> AtomicOutputs:
+        self.created_out_dir = not self.out_dir.exists()
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -66,16 +68,29 @@ class AtomicOutputs:
     def commit(self) -> dict[str, Path]:
         """Move every staged file into the output folder."""
         assert self.staging is not None
-        final = {}
-        for key, name in self.names.items():
-            target = self.out_dir / name
-            os.replace(self.path(key), target)
-            final[key] = target
+        final: dict[str, Path] = {}
+        try:
+            for key, name in self.names.items():
+                target = self.out_dir / name
+                os.replace(self.path(key), target)
+                final[key] = target
+        except BaseException:
+            # Interrupted halfway through the renames: take back the files already moved,
+            # so that a case never has half of its outputs.
+            for target in final.values():
+                target.unlink(missing_ok=True)
+            raise
         return final
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
+        if exc_type is not None and self.created_out_dir:
+            # A failed run leaves no trace: not even the output folder it created.
+            try:
+                self.out_dir.rmdir()
+            except OSError:
+                pass
 
 
 def write_labelmap(path: Path, labels: sitk.Image, convention: str) -> None:

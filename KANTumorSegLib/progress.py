@@ -29,6 +29,7 @@ class BarProgress:
         self.width = width
         self.last_draw = 0.0
         self.stage = ""
+        self.open_line = False
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         now = time.monotonic()
@@ -41,7 +42,15 @@ class BarProgress:
         self.stream.write(f"\r{stage:<12} [{bar}] {done}/{total}")
         if finished:
             self.stream.write("\n")
+        self.open_line = not finished
         self.stream.flush()
+
+    def end_line(self) -> None:
+        """End a bar left halfway, so that an error message starts on its own line."""
+        if self.open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open_line = False
 
 
 def make_progress(kind: str) -> Callable[[str, int, int], None]:
