@@ -1,0 +1,303 @@
+"""The parts of the 3D Slicer module that need no Slicer, kept here so that they are tested.
+
+KANTumorSeg.py (the module) runs ``kantumorseg segment`` in a background process; this file
+builds that command line and its environment, matches loaded volume names to the four
+modalities, reads the process's ``--progress jsonl`` output line by line, and turns segment
+masks into the rows of the volume table. At module level it imports only the standard
+library, so that the module imports cheaply; numpy-based helpers import inside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODALITY_ORDER: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+"""The command's options and the module's selectors, in the model's channel order."""
+
+MODALITY_TITLES: dict[str, str] = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
+
+DEVICE_ORDER: tuple[str, ...] = ("auto", "cuda", "mps", "cpu")
+"""The ``--device`` values, in the order the module offers them."""
+
+TABLE_COLUMNS: tuple[str, ...] = ("Region", "Description", "Volume", "Voxels")
+"""Columns of the module's volume table (Volume in mL)."""
+
+LIBRARY_PACKAGE = "KANTumorSegLib"
+
+# Where a share of the progress bar goes: stages of pipeline.segment_case and inference.
+STAGE_SPANS: dict[str, tuple[float, float]] = {
+    "read": (0.0, 0.05),
+    "preprocess": (0.05, 0.20),
+    "segment": (0.20, 0.90),
+    "write": (0.90, 1.0),
+}
+
+ERROR_PREFIX = "kantumorseg: error: "
+WARNING_PREFIX = "kantumorseg: warning: "
+
+REGION_SEGMENTS: tuple[tuple[str, str, tuple[float, float, float]], ...] = (
+    ("WT", "Whole tumour", (0.35, 0.55, 0.95)),
+    ("TC", "Tumour core", (0.85, 0.45, 0.9)),
+)
+"""The composite regions the module can add as extra segments: id, name, colour."""
+
+
+# ----------------------------------------------------------------------------- volumes by name
+
+
+def _name_tokens() -> dict[str, str]:
+    """Modality word -> modality, from the BraTS file-name endings the command knows."""
+    from .case_files import NAME_PATTERNS
+
+    return {pattern.replace("[_-]", ""): modality
+            for modality, patterns in NAME_PATTERNS.items() for pattern in patterns}
+
+
+def modality_of_name(name: str) -> str | None:
+    """The modality a volume name denotes (``BraTS20_Training_001_t1ce`` -> ``t1ce``), else None.
+
+    The name is split into words at any non-alphanumeric character and compared without
+    case, so ``T1c``, ``case-t2f`` and ``flair`` match; a name whose words denote two
+    different modalities (``t1_t2_diff``) is ambiguous and matches none.
+    """
+    tokens = _name_tokens()
+    found = {tokens[word] for word in re.split(r"[^0-9a-z]+", name.lower()) if word in tokens}
+    return found.pop() if len(found) == 1 else None
+
+
+@dataclass
+class VolumeMatch:
+    """Which loaded volume goes to which modality, by index into the list of names."""
+
+    assigned: dict[str, int] = field(default_factory=dict)
+    ambiguous: dict[str, list[int]] = field(default_factory=dict)
+
+
+def match_volume_names(names: Sequence[str]) -> VolumeMatch:
+    """Assign volumes to modalities by name; a modality that several names claim is left
+    unassigned (listed in ``ambiguous``) rather than guessed."""
+    candidates: dict[str, list[int]] = {m: [] for m in MODALITY_ORDER}
+    for index, name in enumerate(names):
+        modality = modality_of_name(name)
+        if modality is not None:
+            candidates[modality].append(index)
+    match = VolumeMatch()
+    for modality, indices in candidates.items():
+        if len(indices) == 1:
+            match.assigned[modality] = indices[0]
+        elif len(indices) > 1:
+            match.ambiguous[modality] = indices
+    return match
+
+
+def input_problems(selected: Mapping[str, tuple[str, str] | None]) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Why the inputs cannot run yet: (modalities with no volume, (modality, modality, volume
+    name) pairs that share one volume). ``selected`` maps modality -> (node id, name) or None."""
+    missing = [m for m in MODALITY_ORDER if not selected.get(m)]
+    duplicates = []
+    seen: dict[str, str] = {}
+    for modality in MODALITY_ORDER:
+        choice = selected.get(modality)
+        if not choice:
+            continue
+        node_id, name = choice
+        if node_id in seen:
+            duplicates.append((seen[node_id], modality, name))
+        else:
+            seen[node_id] = modality
+    return missing, duplicates
+
+
+def case_name_for(t1ce_name: str) -> str:
+    """A file-safe case name from the T1ce volume's name, without its modality ending."""
+    from .case_files import case_name
+
+    name = case_name({"t1ce": Path(f"{t1ce_name}.nrrd")})
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return safe or "case"
+
+
+# ----------------------------------------------------------------------------- the process
+
+
+def build_command(
+    python: str,
+    inputs: Mapping[str, str | Path],
+    output_dir: str | Path,
+    case_name: str,
+    device: str,
+    model: str | Path,
+    labels: str,
+) -> list[str]:
+    """The exact ``python -m KANTumorSegLib segment ...`` command the module launches."""
+    command = [str(python), "-m", LIBRARY_PACKAGE, "segment"]
+    for modality in MODALITY_ORDER:
+        command += [f"--{modality}", str(inputs[modality])]
+    command += ["-o", str(output_dir), "--case-name", case_name, "--device", device,
+                "--model", str(model), "--labels", labels, "--progress", "jsonl", "--overwrite"]
+    return command
+
+
+def library_parent() -> Path:
+    """The folder holding the KANTumorSegLib package (in Slicer: the scripted-modules folder)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def child_environment(environ: Mapping[str, str], parent: Path | None = None) -> dict[str, str]:
+    """Variables to add to the child's environment so that ``-m KANTumorSegLib`` finds this
+    copy of the package, and its output arrives line by line (not in 8 kB blocks)."""
+    parent = parent or library_parent()
+    existing = environ.get("PYTHONPATH", "")
+    return {
+        "PYTHONPATH": str(parent) + (os.pathsep + existing if existing else ""),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@dataclass(frozen=True)
+class OutputLine:
+    """One line the process printed, classified: progress, done, error, warning or text."""
+
+    kind: str
+    text: str
+    stage: str = ""
+    done: int = 0
+    total: int = 0
+    files: dict = field(default_factory=dict)
+
+
+def parse_output_line(line: str) -> OutputLine:
+    """Classify one line of the command's merged stdout and stderr."""
+    from .progress import parse_progress_line
+
+    text = line.rstrip("\r\n")
+    progress = parse_progress_line(text)
+    if progress is not None:
+        stage, done, total = progress
+        return OutputLine("progress", text, stage, done, total)
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and data.get("stage") == "done":
+            return OutputLine("done", text, "done", files=dict(data.get("files", {})))
+    if text.startswith(ERROR_PREFIX):
+        return OutputLine("error", text[len(ERROR_PREFIX):])
+    if text.startswith(WARNING_PREFIX):
+        return OutputLine("warning", text[len(WARNING_PREFIX):])
+    return OutputLine("text", text)
+
+
+def overall_fraction(stage: str, done: int, total: int) -> float | None:
+    """How far the whole run is (0 to 1) at a progress step, None for an unknown stage."""
+    if stage not in STAGE_SPANS:
+        return None
+    start, end = STAGE_SPANS[stage]
+    share = min(max(done / total, 0.0), 1.0) if total > 0 else 1.0
+    return start + (end - start) * share
+
+
+def failure_message(error_lines: Sequence[str], return_code: int | None) -> str:
+    """What to tell the user when the process failed: its own last error sentence if it
+    printed one (``kantumorseg: error: ...``), else the exit code."""
+    if error_lines:
+        return error_lines[-1]
+    if return_code in (130, 143) or (return_code is not None and return_code < 0):
+        return "The segmentation was stopped before it finished; no output was written."
+    return f"The segmentation process failed (exit code {return_code}); see the log for details."
+
+
+# ----------------------------------------------------------------------------- volumes table
+
+
+def compose_labels(masks: Mapping[str, object]):
+    """An internal labelmap (0/1/2/4) from binary masks of the NCR, ED and ET segments.
+
+    Where edited segments overlap, the inner class wins (ED, then NCR, then ET painted
+    last), matching the nesting of the BraTS regions WT > TC > ET.
+    """
+    import numpy as np
+
+    from .labels import ED, ET, NCR
+
+    shape = next(np.shape(m) for m in masks.values() if m is not None)
+    labels = np.zeros(shape, dtype=np.uint8)
+    for segment_id, value in (("ED", ED), ("NCR", NCR), ("ET", ET)):
+        mask = masks.get(segment_id)
+        if mask is not None:
+            labels[np.asarray(mask) > 0] = value
+    return labels
+
+
+def volume_rows(masks: Mapping[str, object], spacing_mm: Sequence[float]) -> dict:
+    """The volume table (measurements.tumour_volumes: NCR, ED, ET, WT, TC in mL) of the
+    segment masks; spacing in mm along the masks' axes, in any consistent order."""
+    from .measurements import tumour_volumes
+
+    return tumour_volumes(compose_labels(masks), tuple(float(s) for s in spacing_mm))
+
+
+def region_masks(labels) -> dict:
+    """Binary masks of the composite regions WT and TC of an internal labelmap."""
+    import numpy as np
+
+    from .labels import region_mask
+
+    return {segment_id: region_mask(labels, segment_id).astype(np.uint8) for segment_id, _, _ in REGION_SEGMENTS}
+
+
+def terminology_entry(type_code: tuple[str, str, str]) -> str:
+    """A Slicer terminology entry string (``context~category~type~modifier~anatomic
+    context~region~region modifier``) for a tumour segment in the brain."""
+    from .labels import ANATOMIC_CONTEXT, BRAIN, MORPHOLOGICALLY_ALTERED, TERMINOLOGY_CONTEXT
+
+    return "~".join([TERMINOLOGY_CONTEXT, "^".join(MORPHOLOGICALLY_ALTERED), "^".join(type_code), "^^",
+                     ANATOMIC_CONTEXT, "^".join(BRAIN), "^^"])
+
+
+def launch(command: Sequence[str], environ: Mapping[str, str], cwd: str | Path):
+    """Start the command as slicer.util.launchConsoleProcess does (stdout and stderr merged,
+    text lines, no console window on Windows), but in its own process group: PythonSlicer is
+    a launcher that starts the real Python as a child, so cancelling must reach both."""
+    import subprocess
+
+    kwargs: dict = {"env": dict(environ), "cwd": str(cwd), "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT,
+                    "universal_newlines": True, "encoding": "utf-8", "errors": "replace"}
+    if os.name == "nt":
+        info = subprocess.STARTUPINFO()
+        info.dwFlags = subprocess.STARTF_USESHOWWINDOW
+        info.wShowWindow = 0  # SW_HIDE
+        kwargs["startupinfo"] = info
+        kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+    else:
+        kwargs["start_new_session"] = True
+    return subprocess.Popen(list(command), **kwargs)
+
+
+def terminate_tree(process, grace_s: float = 3.0) -> None:
+    """Stop a process started by ``launch`` and all it started. On POSIX, SIGTERM first so
+    that the command removes its partial output, then SIGKILL after ``grace_s``."""
+    import subprocess
+
+    if process.poll() is not None:
+        return
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True, check=False)
+        process.wait()
+        return
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(grace_s)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
