@@ -83,3 +83,44 @@ def case_paths(brats_samples: Path) -> dict[str, dict[str, Path]]:
     if missing:
         pytest.skip(f"3D cases missing from the BraTS samples: {', '.join(missing[:2])}")
     return paths
+
+
+@pytest.fixture(scope="session")
+def mixed_model(cropped_case: Path, tmp_path_factory) -> Path:
+    """A random-weights KANU-Net (base width 4) whose head bias is centred on real slices, so
+    that every class wins somewhere: outputs then hold all labels (a plain random network
+    tends to predict one class everywhere). Still random, not a trained model."""
+    import numpy as np
+    import torch
+
+    from KANTumorSegLib.case_files import find_modalities
+    from KANTumorSegLib.preprocessing import PreprocessingConfig, preprocess_slice
+    from KANTumorSegLib.unet import KANUNet2D, ModelConfig
+    from KANTumorSegLib.volumes import load_case
+    from KANTumorSegLib.weights import save_model
+
+    torch.manual_seed(0)
+    model = KANUNet2D(ModelConfig(base_width=4)).eval()
+    volume, _ = load_case(find_modalities(cropped_case, {}))
+    config = PreprocessingConfig()
+    inputs = np.stack([preprocess_slice(volume[..., z], config)[0] for z in range(0, volume.shape[3], 8)])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(inputs))
+        model.head.conv.bias -= logits.mean(dim=(0, 2, 3))
+    path = tmp_path_factory.mktemp("mixed_model") / "mixed.safetensors"
+    save_model(model, path, {"name": "mixed-random", "preprocessing": config.to_dict(), "labels": "brats2020",
+                             "training": "none: random weights, head bias centred on real slices, for tests"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_case(cropped_case: Path, tmp_path_factory) -> Path:
+    """The middle 8 slices of the cropped case (names crop_<modality>.nii.gz, physical
+    positions kept): for end-to-end runs that must take seconds on 2 CPU cores."""
+    import SimpleITK as sitk
+
+    out = tmp_path_factory.mktemp("small_case")
+    for name in ("t1", "t1ce", "t2", "flair", "seg"):
+        image = sitk.ReadImage(str(cropped_case / f"crop_{name}.nii.gz"))
+        sitk.WriteImage(image[:, :, 11:19], str(out / f"crop_{name}.nii.gz"))
+    return out
