@@ -38,6 +38,7 @@ STAGE_SPANS: dict[str, tuple[float, float]] = {
 }
 
 ERROR_PREFIX = "kantumorseg: error: "
+INTERNAL_ERROR_PREFIX = "kantumorseg: internal error: "
 WARNING_PREFIX = "kantumorseg: warning: "
 
 REGION_SEGMENTS: tuple[tuple[str, str, tuple[float, float, float]], ...] = (
@@ -189,6 +190,8 @@ def parse_output_line(line: str) -> OutputLine:
             return OutputLine("done", text, "done", files=dict(data.get("files", {})))
     if text.startswith(ERROR_PREFIX):
         return OutputLine("error", text[len(ERROR_PREFIX):])
+    if text.startswith(INTERNAL_ERROR_PREFIX):
+        return OutputLine("error", "Internal error: " + text[len(INTERNAL_ERROR_PREFIX):])
     if text.startswith(WARNING_PREFIX):
         return OutputLine("warning", text[len(WARNING_PREFIX):])
     return OutputLine("text", text)
