@@ -118,9 +118,8 @@ def case_name_for(t1ce_name: str) -> str:
     """A file-safe case name from the T1ce volume's name, without its modality ending."""
     from .case_files import case_name
 
-    name = case_name({"t1ce": Path(f"{t1ce_name}.nrrd")})
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return safe or "case"
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", t1ce_name).strip("._")
+    return case_name({"t1ce": Path(f"{safe}.nrrd")}).strip("._") if safe else "case"
 
 
 # ----------------------------------------------------------------------------- the process

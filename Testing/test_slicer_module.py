@@ -1,0 +1,494 @@
+"""The 3D Slicer module and its packaging, tested without Slicer.
+
+Slicer cannot run here, so the module file is checked statically (it parses, imports only
+Slicer/Qt/VTK and the standard library at file scope, uses only widgets its .ui defines),
+the CMake lists are checked against the files they must ship, and the pure parts in
+KANTumorSegLib.slicer_support are run for real: the exact command line the Logic builds is
+launched with this machine's Python (standing in for PythonSlicer) on a real BraTS case,
+and cancelling stops a real process tree. KANTumorSegTest inside KANTumorSeg.py covers
+the Slicer side and runs in Slicer only.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from KANTumorSegLib import slicer_support
+from KANTumorSegLib.labels import SEGMENTS, region_mask
+from KANTumorSegLib.measurements import VOLUME_ROWS, tumour_volumes
+
+REPO = Path(__file__).resolve().parent.parent
+MODULE = REPO / "KANTumorSeg" / "KANTumorSeg.py"
+UI = REPO / "KANTumorSeg" / "Resources" / "UI" / "KANTumorSeg.ui"
+ICON = REPO / "KANTumorSeg" / "Resources" / "Icons" / "KANTumorSeg.png"
+MODULE_CMAKE = REPO / "KANTumorSeg" / "CMakeLists.txt"
+TOP_CMAKE = REPO / "CMakeLists.txt"
+SLICER_FILE_SCOPE = {"slicer", "qt", "ctk", "vtk"}
+
+
+# ----------------------------------------------------------------------------- the module file
+
+
+def _module_tree() -> ast.Module:
+    return ast.parse(MODULE.read_text(), filename=str(MODULE))
+
+
+def test_module_imports_only_slicer_and_stdlib_at_file_scope():
+    tree = _module_tree()
+    roots = []
+    for statement in tree.body:
+        if isinstance(statement, ast.Import):
+            roots += [alias.name.split(".")[0] for alias in statement.names]
+        elif isinstance(statement, ast.ImportFrom):
+            assert statement.level == 0, "relative imports do not work in a scripted module"
+            roots.append(statement.module.split(".")[0])
+    foreign = sorted(r for r in set(roots) if r not in SLICER_FILE_SCOPE and r not in sys.stdlib_module_names)
+    assert not foreign, f"file-scope imports other than Slicer/Qt/VTK/stdlib: {foreign}"
+    assert {"slicer", "qt", "vtk"} <= set(roots)
+
+
+def test_module_runs_no_code_at_import():
+    """Only the docstring, imports, constants, decorated classes and functions at file scope."""
+    allowed = (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef)
+    for statement in _module_tree().body:
+        if isinstance(statement, ast.Expr):
+            assert isinstance(statement.value, ast.Constant), f"line {statement.lineno}: a call at import"
+        elif isinstance(statement, (ast.Assign, ast.AnnAssign)):
+            for node in ast.walk(statement.value):
+                assert not isinstance(node, ast.Call), f"line {statement.lineno}: a call at import"
+        else:
+            assert isinstance(statement, allowed), f"line {statement.lineno}: {type(statement).__name__} at file scope"
+
+
+def test_module_classes_follow_the_scripted_module_template():
+    classes = {node.name: node for node in _module_tree().body if isinstance(node, ast.ClassDef)}
+    bases = {name: [ast.unparse(b) for b in node.bases] for name, node in classes.items()}
+    assert bases["KANTumorSeg"] == ["ScriptedLoadableModule"]
+    assert bases["KANTumorSegWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
+    assert bases["KANTumorSegLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert bases["KANTumorSegTest"] == ["ScriptedLoadableModuleTest"]
+    assert [ast.unparse(d) for d in classes["KANTumorSegParameterNode"].decorator_list] == ["parameterNodeWrapper"]
+    process = next(f for f in classes["KANTumorSegLogic"].body if isinstance(f, ast.FunctionDef) and f.name == "process")
+    arguments = [a.arg for a in process.args.args]
+    assert arguments[:9] == ["self", "t1", "t1ce", "t2", "flair", "outputSegmentation", "device", "waitForCompletion",
+                             "progressCallback"]
+    defaults = [ast.literal_eval(d) for d in process.args.defaults[:3]]
+    assert defaults == ["auto", False, None]
+
+
+def test_module_never_pip_installs_torch_and_keeps_settings_under_its_prefix():
+    text = MODULE.read_text()
+    for call in re.findall(r"pip_install\(([^)]*)\)", text):
+        assert "torch" not in call
+    assert "installTorch(askConfirmation=True" in text
+    keys = re.findall(r"SETTINGS_PREFIX \+ \"([^\"]+)\"", text)
+    assert keys and re.search(r'SETTINGS_PREFIX = "KANTumorSeg/"', text)
+    for setting_key in re.findall(r'<string>(KANTumorSeg/[^<]*)</string>', UI.read_text()):
+        assert setting_key.startswith("KANTumorSeg/")
+
+
+def _ui_widgets() -> dict[str, ElementTree.Element]:
+    root = ElementTree.parse(UI).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def test_every_ui_name_the_module_uses_exists_in_the_ui_file():
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text()))
+    defined = set(_ui_widgets())
+    assert used, "the module uses no widget of its .ui?"
+    assert used <= defined, f"used but not in {UI.name}: {sorted(used - defined)}"
+
+
+def _parameter_fields() -> dict[str, str]:
+    node = next(n for n in _module_tree().body if isinstance(n, ast.ClassDef) and n.name == "KANTumorSegParameterNode")
+    return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
+
+
+def test_ui_parameter_bindings_name_parameters_of_a_type_their_widget_can_show():
+    """connectGui binds widgets by their SlicerParameterName; the connector depends on the
+    widget class (parameterNodeWrapper/guiConnectors.py): node combo box <-> MRML node,
+    QComboBox <-> Choice-annotated str, QCheckBox <-> bool."""
+    fields = _parameter_fields()
+    compatible = {"qMRMLNodeComboBox": r"^vtkMRML\w+Node$", "QComboBox": r"^Annotated\[str, Choice\(", "QCheckBox": r"^bool$"}
+    bound = {}
+    for name, widget in _ui_widgets().items():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[name] = (widget.get("class"), prop.find("string").text)
+    assert {p for _, p in bound.values()} == {"t1Volume", "t1ceVolume", "t2Volume", "flairVolume", "outputSegmentation",
+                                              "labelConvention", "addRegions"}
+    for name, (widget_class, parameter) in bound.items():
+        assert parameter in fields, f"{name} is bound to unknown parameter {parameter}"
+        assert re.search(compatible[widget_class], fields[parameter]), f"{name} ({widget_class}) cannot show {fields[parameter]}"
+
+
+def test_ui_output_selector_offers_a_new_segmentation_by_default():
+    selector = _ui_widgets()["outputSegmentationSelector"]
+    props = {p.get("name"): p for p in selector.findall("property")}
+    assert props["noneDisplay"].find("string").text == "Create new segmentation on Apply"
+    assert props["nodeTypes"].find("stringlist/string").text == "vtkMRMLSegmentationNode"
+    assert _ui_widgets()["segmentationShow3DButton"].get("class") == "qMRMLSegmentationShow3DButton"
+
+
+# ----------------------------------------------------------------------------- packaging
+
+
+def _cmake_text(path: Path) -> str:
+    return re.sub(r"(^|\s)#[^\n]*", r"\1", path.read_text())
+
+
+def test_module_cmake_lists_every_library_file_and_resource():
+    text = _cmake_text(MODULE_CMAKE)
+    listed = set(re.findall(r"KANTumorSegLib/\w+\.py", text))
+    shipped = {f"KANTumorSegLib/{p.name}" for p in (REPO / "KANTumorSegLib").glob("*.py")}
+    assert listed == shipped, f"missing {sorted(shipped - listed)}, extra {sorted(listed - shipped)}"
+    for resource in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui",
+                     "Resources/Models/kanunet2d_brats.safetensors", "Resources/Models/kanunet2d_brats.json"):
+        assert resource in text
+    for resource in sorted((REPO / "KANTumorSeg" / "Resources").rglob("*")):
+        if resource.is_file():
+            relative = resource.relative_to(REPO / "KANTumorSeg").as_posix().replace("KANTumorSeg.", "${MODULE_NAME}.")
+            assert relative in text, f"{relative} is not listed in {MODULE_CMAKE}"
+    assert re.search(r"slicerMacroBuildScriptedModule\(.*WITH_GENERIC_TESTS", text, re.S)
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+
+
+def test_model_destination_is_where_the_library_looks():
+    """The model goes to <scripted modules>/Resources/Models and the package to
+    <scripted modules>/KANTumorSegLib; weights.default_model_path() looks at
+    <KANTumorSegLib>/../Resources/Models."""
+    from KANTumorSegLib.weights import DEFAULT_MODEL_NAME, default_model_path
+
+    text = _cmake_text(MODULE_CMAKE)
+    assert "${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/${model_file}" in text
+    assert "DESTINATION ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/${model_dir}" in text
+    assert f"Resources/Models/{DEFAULT_MODEL_NAME}" in text
+    if "KANTUMORSEG_MODEL" not in os.environ:
+        package = REPO / "KANTumorSegLib"
+        assert default_model_path() == package.parent / "Resources" / "Models" / DEFAULT_MODEL_NAME
+
+
+def test_top_level_cmake_declares_the_extension():
+    text = _cmake_text(TOP_CMAKE)
+    assert re.search(r"^project\(KANTumorSeg\)", text, re.M)
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                     "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf'set\({variable} "[^"]+"\)', text), variable
+    assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
+    order = [text.index(s) for s in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(KANTumorSeg)",
+                                     "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})")]
+    assert order == sorted(order)
+
+
+def test_icon_is_a_128_pixel_png_and_license_is_apache():
+    header = ICON.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(header[16:20], "big") == 128 and int.from_bytes(header[20:24], "big") == 128
+    license_text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert 'license = "Apache-2.0"' in (REPO / "pyproject.toml").read_text()
+
+
+def test_slicer_support_imports_no_numerical_package():
+    import subprocess
+
+    probe = "import sys, KANTumorSegLib.slicer_support; print(sorted(m for m in ('numpy', 'torch', 'SimpleITK') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert result.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- volumes by name
+
+
+@pytest.mark.parametrize(("name", "modality"), [
+    ("BraTS20_Training_001_t1", "t1"),
+    ("BraTS20_Training_001_t1ce", "t1ce"),
+    ("BraTS20_Training_001_t2", "t2"),
+    ("BraTS20_Training_001_flair", "flair"),
+    ("BraTS-GLI-00001-000-t1n", "t1"),
+    ("BraTS-GLI-00001-000-t1c", "t1ce"),
+    ("BraTS-GLI-00001-000-t2w", "t2"),
+    ("BraTS-GLI-00001-000-t2f", "flair"),
+    ("T1CE", "t1ce"),
+    ("Flair", "flair"),
+    ("case 7 T2W", "t2"),
+    ("BraTS20_Training_001_t1_1", "t1"),  # Slicer's name for a second copy of a volume
+    ("BraTS20_Training_001_seg", None),
+    ("t1_t2_difference", None),  # names two modalities: ambiguous
+    ("MRHead", None),
+])
+def test_modality_of_name(name, modality):
+    assert slicer_support.modality_of_name(name) == modality
+
+
+def test_match_assigns_the_volumes_of_a_real_case_folder(brats_case_001):
+    # Slicer names a loaded volume after its file without the image extension.
+    names = sorted(p.name.removesuffix(".nii.gz") for p in brats_case_001.iterdir())
+    match = slicer_support.match_volume_names(names)
+    assert {m: names[i] for m, i in match.assigned.items()} == {
+        m: f"BraTS20_Training_001_{m}" for m in ("t1", "t1ce", "t2", "flair")}
+    assert match.ambiguous == {}
+
+
+def test_match_leaves_ambiguous_modalities_unassigned():
+    names = ["a_t1", "b_t1", "a_t1ce", "a_t2w", "a_FLAIR", "a_seg"]
+    match = slicer_support.match_volume_names(names)
+    assert match.assigned == {"t1ce": 2, "t2": 3, "flair": 4}
+    assert match.ambiguous == {"t1": [0, 1]}
+
+
+def test_input_problems_name_missing_and_shared_volumes():
+    assert slicer_support.input_problems({"t1": ("n1", "a"), "t1ce": ("n2", "b"), "t2": ("n3", "c"), "flair": ("n4", "d")}) == ([], [])
+    missing, duplicates = slicer_support.input_problems({"t1": ("n1", "a"), "t1ce": None, "t2": ("n1", "a"), "flair": ("n4", "d")})
+    assert missing == ["t1ce"]
+    assert duplicates == [("t1", "t2", "a")]
+
+
+def test_case_name_drops_the_modality_ending_and_unsafe_characters():
+    assert slicer_support.case_name_for("BraTS20_Training_001_t1ce") == "BraTS20_Training_001"
+    assert slicer_support.case_name_for("BraTS-GLI-00001-000-t1c") == "BraTS-GLI-00001-000"
+    assert slicer_support.case_name_for("patient 7/a: T1ce") == "patient_7_a"
+    assert slicer_support.case_name_for("t1ce") == "t1ce"
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _command(tmp: Path, inputs: dict[str, Path], model: Path, device: str = "cpu") -> list[str]:
+    return slicer_support.build_command(sys.executable, inputs, tmp / "output", "BraTS20_Training_001", device, model, "brats2020")
+
+
+def test_build_command_is_exactly_the_documented_line(tmp_path):
+    inputs = {m: tmp_path / f"{m}.nrrd" for m in ("flair", "t2", "t1ce", "t1")}
+    command = _command(tmp_path, inputs, tmp_path / "m.safetensors", "auto")
+    assert command == [
+        sys.executable, "-m", "KANTumorSegLib", "segment",
+        "--t1", str(tmp_path / "t1.nrrd"), "--t1ce", str(tmp_path / "t1ce.nrrd"),
+        "--t2", str(tmp_path / "t2.nrrd"), "--flair", str(tmp_path / "flair.nrrd"),
+        "-o", str(tmp_path / "output"), "--case-name", "BraTS20_Training_001", "--device", "auto",
+        "--model", str(tmp_path / "m.safetensors"), "--labels", "brats2020", "--progress", "jsonl", "--overwrite"]
+
+
+def test_the_command_parser_accepts_every_choice_the_module_offers(tmp_path):
+    from KANTumorSegLib.cli import build_parser
+    from KANTumorSegLib.inference import DEVICES
+    from KANTumorSegLib.labels import LABEL_CONVENTIONS
+
+    assert set(slicer_support.DEVICE_ORDER) == set(DEVICES)
+    choices = re.search(r'device: Annotated\[str, Choice\((\[[^]]*\])\)\]', MODULE.read_text()).group(1)
+    assert set(ast.literal_eval(choices)) == set(DEVICES)
+    labels = re.search(r'labelConvention: Annotated\[str, Choice\((\[[^]]*\])\)\]', MODULE.read_text()).group(1)
+    assert set(ast.literal_eval(labels)) == set(LABEL_CONVENTIONS)
+    inputs = {m: tmp_path / f"{m}.nrrd" for m in ("t1", "t1ce", "t2", "flair")}
+    for device in DEVICES:
+        for convention in LABEL_CONVENTIONS:
+            command = slicer_support.build_command("py", inputs, tmp_path, "c", device, tmp_path / "m.safetensors", convention)
+            args = build_parser().parse_args(command[3:])
+            assert (args.device, args.labels, args.progress, args.overwrite) == (device, convention, "jsonl", True)
+            assert args.t1ce == inputs["t1ce"] and args.case_name == "c"
+
+
+def test_child_environment_puts_this_package_first():
+    parent = slicer_support.library_parent()
+    assert (parent / "KANTumorSegLib" / "__main__.py").is_file()
+    updates = slicer_support.child_environment({"PYTHONPATH": "/elsewhere"}, parent)
+    assert updates["PYTHONPATH"] == f"{parent}{os.pathsep}/elsewhere"
+    assert slicer_support.child_environment({}, parent)["PYTHONPATH"] == str(parent)
+    assert updates["PYTHONUNBUFFERED"] == "1"
+
+
+def _export_like_slicer(case_dir: Path, out: Path) -> dict[str, Path]:
+    """What the Logic hands the command: each volume exported by Slicer as <modality>.nrrd."""
+    import SimpleITK as sitk
+
+    out.mkdir()
+    files = {}
+    for modality in ("t1", "t1ce", "t2", "flair"):
+        files[modality] = out / f"{modality}.nrrd"
+        sitk.WriteImage(sitk.ReadImage(str(case_dir / f"crop_{modality}.nii.gz")), str(files[modality]))
+    return files
+
+
+def test_the_logic_command_runs_for_real_and_writes_an_editable_segmentation(cropped_case, mixed_model, tmp_path):
+    """The exact command the Logic launches, with this machine's Python for PythonSlicer,
+    on a real BraTS case (30 axial slices of BraTS20_Training_001) and a random-weights
+    base-width-4 model: its progress lines, final line and .seg.nrrd as Slicer reads them."""
+    import SimpleITK as sitk
+    import slicerio
+
+    inputs = _export_like_slicer(cropped_case, tmp_path / "inputs")
+    command = _command(tmp_path, inputs, mixed_model)
+    environment = {**os.environ, **slicer_support.child_environment(os.environ)}
+    process = slicer_support.launch(command, environment, slicer_support.library_parent())
+    parsed = [slicer_support.parse_output_line(line) for line in process.stdout]
+    assert process.wait(timeout=300) == 0, [p.text for p in parsed]
+
+    progress = [p for p in parsed if p.kind == "progress"]
+    assert [p.stage for p in progress][0] == "read"
+    assert {p.stage for p in progress} == set(slicer_support.STAGE_SPANS)
+    fractions = [slicer_support.overall_fraction(p.stage, p.done, p.total) for p in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert not [p for p in parsed if p.kind == "error"]
+    assert parsed[-1].kind == "done"
+    files = parsed[-1].files
+    assert {Path(f).parent for f in files.values()} == {tmp_path / "output"}
+    assert Path(files["segmentation"]).name == "BraTS20_Training_001.seg.nrrd"
+
+    segmentation = slicerio.read_segmentation(files["segmentation"])
+    assert [s["name"] for s in segmentation["segments"]] == [s.name for s in SEGMENTS]
+    assert [s["id"] for s in segmentation["segments"]] == ["NCR", "ED", "ET"]
+    reference = sitk.ReadImage(str(inputs["t1ce"]))
+    assert segmentation["voxels"].shape == reference.GetSize()
+    ijk_to_lps = np.asarray(segmentation["ijkToLPS"])
+    direction = np.asarray(reference.GetDirection()).reshape(3, 3) * np.asarray(reference.GetSpacing())
+    np.testing.assert_allclose(ijk_to_lps[:3, :3], direction, atol=1e-4)
+    np.testing.assert_allclose(ijk_to_lps[:3, 3], reference.GetOrigin(), atol=1e-3)
+
+    # "Update volumes" measures the segment masks with the library: on the untouched result
+    # it must give the command's own table.
+    voxels = segmentation["voxels"]
+    masks = {s["id"]: (voxels == s["labelValue"]) for s in segmentation["segments"]}
+    assert sum(int(m.sum()) for m in masks.values()) > 0, "the model predicted no tumour at all"
+    import json
+
+    written = json.loads(Path(files["volumes_json"]).read_text())["regions"]
+    measured = slicer_support.volume_rows(masks, reference.GetSpacing())["regions"]
+    assert [(r["name"], r["voxels"]) for r in measured] == [(r["name"], r["voxels"]) for r in written]
+
+
+def test_an_error_reaches_the_module_as_the_commands_own_sentence(cropped_case, tiny_model, tmp_path):
+    inputs = _export_like_slicer(cropped_case, tmp_path / "inputs")
+    inputs["t2"] = tmp_path / "inputs" / "missing_t2.nrrd"
+    process = slicer_support.launch(_command(tmp_path, inputs, tiny_model), os.environ, slicer_support.library_parent())
+    parsed = [slicer_support.parse_output_line(line) for line in process.stdout]
+    code = process.wait(timeout=120)
+    errors = [p.text for p in parsed if p.kind == "error"]
+    assert code == 2
+    message = slicer_support.failure_message(errors, code)
+    assert message == errors[-1] and "missing_t2.nrrd" in message
+    assert not (tmp_path / "output").exists() or not any((tmp_path / "output").iterdir())
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups are POSIX; Windows uses taskkill /T")
+def test_cancel_stops_the_launcher_and_the_python_it_started(cropped_case, tiny_model, tmp_path):
+    """PythonSlicer is a launcher that starts the real Python: a stand-in launcher starts the
+    command as its child and prints the child's pid; cancelling must stop both and leave
+    no output."""
+    inputs = _export_like_slicer(cropped_case, tmp_path / "inputs")
+    launcher = "import subprocess, sys; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); sys.exit(p.wait())"
+    command = [sys.executable, "-c", launcher, *_command(tmp_path, inputs, tiny_model)]
+    process = slicer_support.launch(command, os.environ, slicer_support.library_parent())
+    child = int(process.stdout.readline())
+    for line in process.stdout:
+        if slicer_support.parse_output_line(line).kind == "progress":
+            break
+    slicer_support.terminate_tree(process)
+    assert process.returncode != 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.1)
+    assert not _alive(child), "the command kept running after cancel"
+    outputs = tmp_path / "output"
+    assert not outputs.exists() or not any(outputs.iterdir())
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting to be reaped counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        return state != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+# ----------------------------------------------------------------------------- output lines
+
+
+def test_parse_output_line_reads_what_the_command_prints(capsys):
+    from KANTumorSegLib.progress import jsonl_progress
+
+    jsonl_progress("segment", 12, 90)
+    line = capsys.readouterr().out
+    parsed = slicer_support.parse_output_line(line)
+    assert (parsed.kind, parsed.stage, parsed.done, parsed.total) == ("progress", "segment", 12, 90)
+    done = slicer_support.parse_output_line('{"stage": "done", "case": "c", "device": "cpu", "files": {"segmentation": "/o/c.seg.nrrd"}}\n')
+    assert done.kind == "done" and done.files == {"segmentation": "/o/c.seg.nrrd"}
+    error = slicer_support.parse_output_line("kantumorseg: error: The T2 file /x does not exist.\n")
+    assert (error.kind, error.text) == ("error", "The T2 file /x does not exist.")
+    internal = slicer_support.parse_output_line("kantumorseg: internal error: ValueError: bad; no output was written.")
+    assert internal.kind == "error" and internal.text.startswith("Internal error: ValueError")
+    warning = slicer_support.parse_output_line("kantumorseg: warning: T2 resampled onto the T1ce grid\n")
+    assert (warning.kind, warning.text) == ("warning", "T2 resampled onto the T1ce grid")
+    assert slicer_support.parse_output_line("{not json").kind == "text"
+    assert slicer_support.parse_output_line('{"stage": "segment"}').kind == "text"
+
+
+def test_overall_fraction_spans_the_run_in_order():
+    assert slicer_support.overall_fraction("read", 0, 4) == 0.0
+    assert slicer_support.overall_fraction("write", 4, 4) == 1.0
+    assert slicer_support.overall_fraction("unknown", 1, 2) is None
+    steps = [("read", 4, 4), ("preprocess", 1, 10), ("preprocess", 10, 10), ("segment", 5, 50), ("segment", 50, 50), ("write", 2, 4)]
+    values = [slicer_support.overall_fraction(*s) for s in steps]
+    assert values == sorted(values) and all(0 <= v <= 1 for v in values)
+
+
+def test_failure_message_without_an_error_line():
+    assert "exit code 1" in slicer_support.failure_message([], 1)
+    assert "stopped" in slicer_support.failure_message([], 143)
+    assert slicer_support.failure_message(["first.", "last."], 2) == "last."
+
+
+# ----------------------------------------------------------------------------- volume table
+
+
+def test_volume_rows_of_the_expert_segmentation_equal_the_library_measure(brats_case_001):
+    import SimpleITK as sitk
+
+    seg = sitk.ReadImage(str(brats_case_001 / "BraTS20_Training_001_seg.nii.gz"))
+    labels = sitk.GetArrayFromImage(seg)
+    masks = {s.id: labels == s.label for s in SEGMENTS}
+    rows = slicer_support.volume_rows(masks, seg.GetSpacing())
+    assert rows == tumour_volumes(labels, seg.GetSpacing())
+    assert [r["name"] for r in rows["regions"]] == [name for name, _ in VOLUME_ROWS]
+    assert all(r["volume_ml"] > 0 for r in rows["regions"])
+    regions = slicer_support.region_masks(labels)
+    for segment_id in ("WT", "TC"):
+        np.testing.assert_array_equal(regions[segment_id], region_mask(labels, segment_id))
+
+
+def test_compose_labels_lets_inner_classes_win_where_edits_overlap():
+    ed = np.zeros((4, 4), bool)
+    ncr = np.zeros((4, 4), bool)
+    et = np.zeros((4, 4), bool)
+    ed[:, :3] = True
+    ncr[:, 1:] = True
+    et[0, :] = True
+    labels = slicer_support.compose_labels({"NCR": ncr, "ED": ed, "ET": et})
+    assert labels[1].tolist() == [2, 1, 1, 1]
+    assert labels[0].tolist() == [4, 4, 4, 4]
+    only_ed = slicer_support.compose_labels({"NCR": None, "ED": ed, "ET": None})
+    assert set(np.unique(only_ed)) == {0, 2}
+
+
+def test_terminology_entry_has_the_seven_fields_slicer_expects():
+    entry = slicer_support.terminology_entry(SEGMENTS[2].type_code)
+    fields = entry.split("~")
+    assert len(fields) == 7
+    assert fields[2] == "SCT^86049000^Neoplasm, Primary"
+    assert fields[5] == "SCT^12738006^Brain"
