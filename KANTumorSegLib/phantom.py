@@ -36,12 +36,14 @@ NOISE = 0.03
 """Gaussian noise, as a fraction of each tissue's mean."""
 
 
-def _lobulated(distance: np.ndarray, angles: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """A radial distance whose iso-surfaces are bumpy: divided by 1 + a few random angular waves."""
+def _lobulated(distance: np.ndarray, angles: tuple[np.ndarray, np.ndarray], rng: np.random.Generator,
+               strength: float = 1.0) -> np.ndarray:
+    """A radial distance whose iso-surfaces are bumpy: divided by 1 + a few random angular waves
+    (amplitudes up to 12% times ``strength``)."""
     azimuth, elevation = angles
     bumps = np.zeros_like(distance)
     for _ in range(3):
-        k, phase, amplitude = rng.integers(2, 5), rng.uniform(0, 2 * np.pi), rng.uniform(0.05, 0.12)
+        k, phase, amplitude = rng.integers(2, 5), rng.uniform(0, 2 * np.pi), strength * rng.uniform(0.05, 0.12)
         bumps += amplitude * np.sin(k * azimuth + phase) * np.cos(rng.integers(1, 3) * elevation)
     return distance / (1.0 + bumps)
 
@@ -58,7 +60,7 @@ def make_phantom(shape: tuple[int, int, int] = SHAPE, seed: int = 0) -> tuple[np
     # Brain and cortex: an ellipsoid filling the field of view as a BraTS brain does.
     radii = size * np.array([0.30, 0.36, 0.40])
     head_angles = (np.arctan2(y, x), np.arctan2(z, np.hypot(x, y)))
-    brain_r = _lobulated(np.sqrt((x / radii[0]) ** 2 + (y / radii[1]) ** 2 + (z / radii[2]) ** 2), head_angles, rng)
+    brain_r = _lobulated(np.sqrt((x / radii[0]) ** 2 + (y / radii[1]) ** 2 + (z / radii[2]) ** 2), head_angles, rng, 0.25)
     # Tissue codes: 0 outside the brain, then the index of the tissue in INTENSITY plus one.
     code = {name: i + 1 for i, name in enumerate(INTENSITY)}
     tissue = np.zeros(shape, dtype=np.uint8)
