@@ -60,11 +60,12 @@ def original(roi_images, tmp_path_factory):
     return paths, volume, grid, seg
 
 
-def test_model_grid_layout_is_nibabel_layout_of_brats_files(case_paths):
+@pytest.mark.parametrize("case", ["BraTS20_Training_001", "Brats18_2013_2_1", "BraTS2021_00000"])
+def test_model_grid_layout_is_nibabel_layout_of_brats_files(case_paths, case):
     """For BraTS files (LPS, 1 mm) the model grid is the stored grid: array == get_fdata()."""
     import nibabel as nib
 
-    files = case_paths["BraTS20_Training_001"]
+    files = case_paths[case]
     volume, grid = load_case(files)
     assert not grid.resampled
     for c, modality in enumerate(MODALITIES):
@@ -158,3 +159,25 @@ def test_modality_that_does_not_overlap_is_refused(roi_images, tmp_path):
     paths = write_case(images, tmp_path)
     with pytest.raises(KANTumorSegError, match="FLAIR file .*case_flair.nii does not overlap the T1ce image"):
         load_case(paths)
+
+
+def test_oblique_axial_acquisition_keeps_its_own_axial_slices(roi_images, original, tmp_path):
+    """A head tilted 20 degrees about the superior axis (an oblique axial acquisition): the
+    model sees the stored axial slices as they are (no resampling at 1 mm), in LPS order,
+    and the labels go back onto the oblique grid exactly."""
+    _, volume, _, seg = original
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    images = {}
+    for name, image in roi_images.items():
+        tilted = VARIANTS["ras"](image)
+        tilted.SetDirection((rotation @ np.array(tilted.GetDirection()).reshape(3, 3)).ravel().tolist())
+        images[name] = tilted
+    paths = write_case(images, tmp_path)
+    oblique_volume, oblique_grid = load_case(paths)
+    assert not oblique_grid.resampled
+    np.testing.assert_array_equal(oblique_volume, volume)
+    stored_seg = sitk.ReadImage(str(paths["seg"]))
+    back = labels_to_reference(seg, oblique_grid)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(stored_seg))
+    assert back.GetDirection() == pytest.approx(stored_seg.GetDirection())
