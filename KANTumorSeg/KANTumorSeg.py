@@ -61,6 +61,19 @@ Research software, not a medical device.
 The model follows the KANU-Net 2D study (Sovremennye Tehnologii v Medicine, 2026) and is trained on the
 BraTS data (Menze et al. 2015, Bakas et al. 2017, Baid et al. 2021).
 """)
+        _addLibraryToPath()
+
+
+def _addLibraryToPath() -> None:
+    """Make KANTumorSegLib importable. Installed, it sits beside this file (in the scripted
+    modules folder, already on sys.path); run from a source checkout (Additional module
+    paths = <repository>/KANTumorSeg), it is in the folder above."""
+    moduleDir = os.path.dirname(os.path.abspath(__file__))
+    for folder in (moduleDir, os.path.dirname(moduleDir)):
+        if os.path.isfile(os.path.join(folder, "KANTumorSegLib", "__init__.py")):
+            if folder not in sys.path:
+                sys.path.append(folder)
+            return
 
 
 #
