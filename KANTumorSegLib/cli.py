@@ -45,13 +45,35 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+OUT_OF_MEMORY_PHRASES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate",
+                         # oneDNN, when it cannot allocate a convolution's scratch memory:
+                         "could not create a primitive",
+                         # the loader, when a memory limit leaves no room to map a library:
+                         "failed to map segment")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """MemoryError (numpy, Python) or a RuntimeError of a failed allocation (torch, SimpleITK)."""
+    """MemoryError (numpy, Python), or a failed allocation reported as another error (torch, SimpleITK, imports)."""
     if isinstance(error, MemoryError):
         return True
     text = str(error).lower()
-    return isinstance(error, RuntimeError) and any(
-        phrase in text for phrase in ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate"))
+    return isinstance(error, (RuntimeError, ImportError, OSError)) and any(phrase in text for phrase in OUT_OF_MEMORY_PHRASES)
+
+
+def describe_failure(error: Exception, args: argparse.Namespace) -> tuple[str, int]:
+    """The one line and the exit code for a failure that is not a KANTumorSegError."""
+    if is_out_of_memory(error):
+        batch = getattr(args, "batch_size", None)
+        hint = f"lower --batch-size (it was {batch}), " if batch and batch > 1 else ""
+        return (f"kantumorseg: error: out of memory; {hint}close other programs or use a machine with more memory; "
+                "no output was written.", EXIT_USER_ERROR)
+    if isinstance(error, OSError):
+        # Disk full, permissions changed mid-run: the file and the reason, not a traceback.
+        where = f" {error.filename}" if error.filename else ""
+        return (f"kantumorseg: error: could not read or write{where} ({error.strerror or error}); no output was written.",
+                EXIT_USER_ERROR)
+    return (f"kantumorseg: internal error: {type(error).__name__}: {error}; no output was written. "
+            "This is a bug: please report it with the output of the same command run with --debug.", EXIT_BUG)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,28 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kantumorseg: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except (MemoryError, RuntimeError) as error:
-        if args.debug or not is_out_of_memory(error):
-            raise
-        batch = getattr(args, "batch_size", None)
-        hint = f"lower --batch-size (it was {batch}), " if batch and batch > 1 else ""
-        print(f"kantumorseg: error: out of memory; {hint}close other programs or use a machine with more memory; "
-              "no output was written.", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except OSError as error:
-        # Disk full, permissions changed mid-run: the file and the reason, not a traceback.
-        if args.debug:
-            raise
-        where = f" {error.filename}" if error.filename else ""
-        print(f"kantumorseg: error: could not read or write{where} ({error.strerror or error}); no output was written.",
-              file=sys.stderr)
-        return EXIT_USER_ERROR
     except Exception as error:
         if args.debug:
             raise
-        print(f"kantumorseg: internal error: {type(error).__name__}: {error}; no output was written. "
-              "This is a bug: please report it with the output of the same command run with --debug.", file=sys.stderr)
-        return EXIT_BUG
+        message, code = describe_failure(error, args)
+        print(message, file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("kantumorseg: interrupted; no output was written.", file=sys.stderr)
         return 130
