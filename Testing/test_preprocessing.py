@@ -51,13 +51,13 @@ def test_min_max_scaling_ignores_positive_affine_intensity_change(raw_001):
     assert original_input.shape == (4, 224, 224)
 
 
-@pytest.fixture(scope="module")
-def wolleb_slices(brats_samples) -> tuple[int, np.ndarray]:
+@pytest.fixture(params=["000001", "000004", "000006"])
+def wolleb_slices(brats_samples, request) -> tuple[int, np.ndarray]:
     """The four JuliaWolleb_Diffusion-based-Segmentation modalities of one slice of
     BraTS20_Training_001, transposed back into the model layout: (slice file index, (4, X, Y))."""
     import nibabel as nib
 
-    folder = brats_samples / "JuliaWolleb_Diffusion-based-Segmentation" / "training" / "000004"
+    folder = brats_samples / "JuliaWolleb_Diffusion-based-Segmentation" / "training" / request.param
     files = {m: next(folder.glob(f"brats_train_001_{m}_*_w.nii.gz")) for m in MODALITIES}
     stored = np.stack([np.asarray(nib.load(str(files[m])).get_fdata(), dtype=np.float64) for m in MODALITIES])
     return int(files["t1ce"].name.split("_")[-2]), stored.transpose(0, 2, 1)
