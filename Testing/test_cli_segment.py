@@ -121,3 +121,22 @@ def test_phantom_is_written_and_segmented(tiny_model: Path, tmp_path: Path):
     labels = sitk.ReadImage(str(out / "phantom_seg.nii.gz"))
     reference = sitk.ReadImage(str(case / "phantom_t1ce.nii.gz"))
     assert labels.GetSize() == reference.GetSize() and labels.GetOrigin() == pytest.approx(reference.GetOrigin())
+
+
+def test_make_demo_segments_a_given_case(small_case: Path, tiny_model: Path, tmp_path: Path):
+    """``make demo CASE=... OUT=...`` with the installed environment (``-o`` keeps make from
+    reinstalling it) and the model taken from $KANTUMORSEG_MODEL."""
+    import os
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = Path(sys.executable).parent.parent
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "demo"
+    done = subprocess.run(["make", "-s", "-C", str(repo), "-o", f"{venv}/.installed", "demo", f"VENV={venv}",
+                           f"CASE={small_case}", f"OUT={out}"], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "KANTUMORSEG_MODEL": str(tiny_model)})
+    assert done.returncode == 0, done.stderr
+    assert "Segmented crop on" in done.stdout and "Volumes (mL)" in done.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
