@@ -726,12 +726,12 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             description.InsertNextValue(row["description"])
             volume.InsertNextValue(row["volume_ml"])
             voxels.InsertNextValue(row["voxels"])
+        # Filled as SegmentStatistics' exportToTable fills its table.
         wasModifying = tableNode.StartModify()
         tableNode.RemoveAllColumns()
         for array in (region, description, volume, voxels):
             tableNode.AddColumn(array)
         tableNode.SetColumnUnitLabel("Volume", "mL")
-        tableNode.SetUseColumnNameAsColumnHeader(True)
         tableNode.EndModify(wasModifying)
         return tableNode
 
@@ -751,7 +751,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
     def openInSegmentEditor(segmentationNode, sourceVolume) -> None:
         """Switch to Segment Editor with this segmentation and the T1ce volume as source."""
         slicer.util.selectModule("SegmentEditor")
-        editor = slicer.util.getModuleWidget("SegmentEditor").editor
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
         editor.setSegmentationNode(segmentationNode)
         editor.setSourceVolumeNode(sourceVolume)
 

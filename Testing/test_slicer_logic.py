@@ -184,9 +184,6 @@ class _Table(_Node):
     def SetColumnUnitLabel(self, column, unit):
         self.units[column] = unit
 
-    def SetUseColumnNameAsColumnHeader(self, flag):
-        pass
-
     def GetNumberOfRows(self):
         return len(self.columns[0].values)
 
