@@ -119,6 +119,9 @@ def run_segment(args: argparse.Namespace) -> int:
         raise KANTumorSegError("--batch-size must be at least 1.")
     paths = find_modalities(args.case_dir, {m: getattr(args, m) for m in ("t1", "t1ce", "t2", "flair")})
     case = args.case_name or case_name(paths)
+    # The case name becomes file names inside -o: a path in it would write elsewhere.
+    if args.case_name is not None and (Path(case).name != case or case in ("", ".", "..")):
+        raise KANTumorSegError(f"--case-name {case!r} must be a plain file name prefix, without folders.")
     progress = make_progress(args.progress)
     try:
         result = segment_case(paths, args.output, case, args.model, args.device, args.labels,

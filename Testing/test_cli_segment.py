@@ -140,3 +140,12 @@ def test_make_demo_segments_a_given_case(small_case: Path, tiny_model: Path, tmp
     assert done.returncode == 0, done.stderr
     assert "Segmented crop on" in done.stdout and "Volumes (mL)" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+
+
+def test_case_name_with_a_folder_is_refused(small_case: Path, tiny_model: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    done = run(PYTHON, "-m", "KANTumorSegLib", "segment", small_case, "-o", out, "--model", tiny_model,
+               "--case-name", "../escape", "--device", "cpu")
+    assert done.returncode == 2
+    assert "--case-name '../escape' must be a plain file name prefix" in done.stderr
+    assert not list(tmp_path.glob("escape*")) and not (out.exists() and any(out.iterdir()))
