@@ -15,8 +15,10 @@ def gaussian_expansion(x: torch.Tensor, centres: list[float], h: float) -> torch
     return torch.cat([torch.exp(-(((x - c) / h) ** 2)) for c in centres], dim=1)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
 @pytest.mark.parametrize("num_grids, grid_min, grid_max", [(4, -1.0, 1.0), (6, -2.0, 1.0)])
-def test_fused_convolution_equals_two_branch_formula(num_grids, grid_min, grid_max):
+def test_fused_convolution_equals_two_branch_formula(num_grids, grid_min, grid_max, grad):
+    """Both code paths of the layer: with gradients (training) and without (inference)."""
     torch.manual_seed(1)
     layer = FastKANConv2d(3, 5, kernel_size=3, padding=1, num_grids=num_grids, grid_min=grid_min, grid_max=grid_max).double()
     x = torch.empty(2, 3, 9, 7, dtype=torch.float64).uniform_(-1.5, 1.5)
@@ -27,7 +29,7 @@ def test_fused_convolution_equals_two_branch_formula(num_grids, grid_min, grid_m
     centres = [grid_min + k * h for k in range(num_grids)]
     expected = (F.conv2d(F.silu(x), base, layer.conv.bias, padding=1)
                 + F.conv2d(gaussian_expansion(x, centres, h), spline, None, padding=1))
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         actual = layer(x)
     # The layer keeps its centres in float32 (a buffer), hence 1e-6 rather than double precision.
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
