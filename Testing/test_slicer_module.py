@@ -12,8 +12,10 @@ the Slicer side and runs in Slicer only.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
+import shutil
 import sys
 import time
 import xml.etree.ElementTree as ElementTree
@@ -175,6 +177,52 @@ def test_model_destination_is_where_the_library_looks():
     if "KANTUMORSEG_MODEL" not in os.environ:
         package = REPO / "KANTumorSegLib"
         assert default_model_path() == package.parent / "Resources" / "Models" / DEFAULT_MODEL_NAME
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_extension_builds_and_installs_the_library_beside_its_model(tiny_model, tmp_path):
+    """Configure and install the extension's CMake project against a stand-in for Slicer's
+    CMake package (Testing/slicer_cmake_standin, which places files as Slicer's macros do),
+    with a tiny model standing in for the shipped one; then the installed KANTumorSegLib,
+    imported from the scripted-modules folder, must find and verify that model by default."""
+    import subprocess
+
+    source = tmp_path / "source"
+    source.mkdir()
+    shutil.copy(TOP_CMAKE, source)
+    for folder in ("KANTumorSeg", "KANTumorSegLib"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    models = source / "Resources" / "Models"
+    models.mkdir(parents=True)
+    shutil.copy(tiny_model, models / "kanunet2d_brats.safetensors")
+    shutil.copy(tiny_model.with_suffix(".json"), models / "kanunet2d_brats.json")
+    build, install = tmp_path / "build", tmp_path / "install"
+    standin = REPO / "Testing" / "slicer_cmake_standin"
+    for command in (["cmake", "-S", str(source), "-B", str(build), f"-DSlicer_DIR={standin}"],
+                    ["cmake", "--install", str(build), "--prefix", str(install)]):
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert (build / "standin-modules.txt").read_text() == "KANTumorSeg generic_tests=TRUE\n"
+    assert (build / "standin-tests.txt").read_text() == "KANTumorSeg.py\n"
+
+    modules = install / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+    expected = ["KANTumorSeg.py", "Resources/UI/KANTumorSeg.ui", "Resources/Icons/KANTumorSeg.png",
+                "Resources/Models/kanunet2d_brats.safetensors", "Resources/Models/kanunet2d_brats.json"]
+    expected += [f"KANTumorSegLib/{p.name}" for p in (REPO / "KANTumorSegLib").glob("*.py")]
+    for tree in (modules, build / "lib" / "Slicer-5.8" / "qt-scripted-modules"):
+        missing = [name for name in expected if not (tree / name).is_file()]
+        assert not missing, f"missing from {tree}: {missing}"
+
+    probe = ("import json, KANTumorSegLib; from KANTumorSegLib.weights import default_model_path, read_card; "
+             "print(json.dumps([KANTumorSegLib.__file__, str(default_model_path()), read_card(default_model_path())['name']]))")
+    environment = {k: v for k, v in os.environ.items() if k != "KANTUMORSEG_MODEL"}
+    environment["PYTHONPATH"] = str(modules)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=environment)
+    assert result.returncode == 0, result.stderr
+    package_file, model_path, name = json.loads(result.stdout)
+    assert Path(package_file) == modules / "KANTumorSegLib" / "__init__.py"
+    assert Path(model_path) == modules / "Resources" / "Models" / "kanunet2d_brats.safetensors"
+    assert name == "tiny-random"
 
 
 def test_top_level_cmake_declares_the_extension():
@@ -359,8 +407,6 @@ def test_the_logic_command_runs_for_real_and_writes_an_editable_segmentation(cro
     voxels = segmentation["voxels"]
     masks = {s["id"]: (voxels == s["labelValue"]) for s in segmentation["segments"]}
     assert sum(int(m.sum()) for m in masks.values()) > 0, "the model predicted no tumour at all"
-    import json
-
     written = json.loads(Path(files["volumes_json"]).read_text())["regions"]
     measured = slicer_support.volume_rows(masks, reference.GetSpacing())["regions"]
     assert [(r["name"], r["voxels"]) for r in measured] == [(r["name"], r["voxels"]) for r in written]

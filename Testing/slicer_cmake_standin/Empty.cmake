@@ -1,0 +1,1 @@
+# Stand-in for Slicer_EXTENSION_GENERATE_CONFIG and Slicer_EXTENSION_CPACK: nothing to do here.
