@@ -1,0 +1,454 @@
+"""Speed and memory of ``kantumorseg segment`` next to its peers, in one process on one device.
+
+For KANU-Net 2D (each width asked for), the plain-Conv2d U-Net of the same topology, MONAI
+BasicUNet 2D and MONAI SegResNet 3D (init_filters 16, 4 in, 3 out) it times:
+
+- ``model``: the network alone over the case's preprocessed brain slices (224 x 224 crops, the
+  library's layout and precision policy), or for SegResNet one forward pass over the whole
+  volume (padded to a multiple of 8);
+- ``command``: the whole command on the case: read the four NIfTI files, preprocess, infer,
+  write every output (labelmap, .seg.nrrd, volumes, overview). For the KANU-Net models this
+  is ``kantumorseg segment`` itself (``cli.main``); the peers run the same reading and writing
+  code around their own forward pass.
+
+It prints seconds per case, slices per second, peak memory (RSS high-water mark on the CPU, reset
+between rows through /proc/self/clear_refs; ``torch.cuda.max_memory_allocated`` on CUDA), ratios
+to SegResNet, achieved TFLOP/s (FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``) and
+the device's measured matrix rate and copy bandwidth, then the accuracy check: the optimised path
+must keep the labelmap of a float32 reference implementation (the plain two-branch KAN formula,
+per-slice 224 crops, NCHW) with Dice >= 0.99 per region (WT, TC, ET) on each 3D case.
+
+Untrained (seeded random) weights unless ``--model`` names a trained weights file; random
+networks predict "tumour" in the background too, so the accuracy check counts voxels inside the
+brain only (a trained model predicts none outside it).
+
+    .venv/bin/python Testing/benchmarks/benchmark.py --device cpu --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from KANTumorSegLib.inference import SlicePredictor, segment_volume  # noqa: E402
+from KANTumorSegLib.kan_layers import FastKANConv2d, GaussianRBF  # noqa: E402
+from KANTumorSegLib.preprocessing import PreprocessingConfig, paste, preprocess_slice  # noqa: E402
+from KANTumorSegLib.unet import KANUNet2D, ModelConfig, decode_logits  # noqa: E402
+
+SAMPLES = Path(os.environ.get("KANTUMORSEG_SAMPLES", REPO.parent / "shared" / "data" / "brats_samples"))
+CASES = {
+    "BraTS20_Training_001": "HunorLaczko_IPCV-TRDP_BraTS_2020/example/BraTS20_Training_001",
+    "Brats18_2013_2_1": "IAmSuyogJadhav_Brainy/Brats18_2013_2_1",
+    "BraTS2021_00000": "DevNazrin_brats-segmentation-study/example_case",
+}
+REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
+
+
+# ----------------------------------------------------------------------------- measuring
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak-memory window: CUDA's allocator peak, or the process's RSS high-water
+    mark (writing 5 to /proc/self/clear_refs resets VmHWM on Linux)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def timed(fn, device: torch.device, repeats: int = 1) -> tuple[float, float]:
+    """(median seconds of ``repeats`` calls after one warm-up call, peak memory in GiB)."""
+    fn()
+    sync(device)
+    reset_peak(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), peak_gib(device)
+
+
+def flops_of(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def ceilings(device: torch.device) -> dict:
+    """Measured matrix rate (float32 and bf16) and copy bandwidth (bytes read + written)."""
+    n = 8192 if device.type == "cuda" else 2048
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        seconds, _ = timed(lambda a=a, b=b: a @ b, device, repeats=5 if device.type == "cuda" else 2)
+        out[f"matmul_{name}_tflops"] = 2 * n**3 / seconds / 1e12
+    source = torch.randn(2**28 if device.type == "cuda" else 2**25, device=device)
+    target = torch.empty_like(source)
+    seconds, _ = timed(lambda: target.copy_(source), device, repeats=5)
+    out["copy_gb_s"] = 2 * source.numel() * 4 / seconds / 1e9
+    return out
+
+
+# ----------------------------------------------------------------------------- models
+class ReferenceKANConv2d(nn.Module):
+    """The FastKAN formula written out, float32 and NCHW: conv(SiLU(x), W_base) +
+    conv(rbf(x), W_spline), with rbf_{g,c}(x) = exp(-((x_c - centre_g) * inv_width)^2).
+    It shares the optimised layer's weights; the benchmark's reference, not the library's."""
+
+    def __init__(self, layer: FastKANConv2d) -> None:
+        super().__init__()
+        assert isinstance(layer.basis, GaussianRBF), "the reference covers the Gaussian basis"
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, basis = self.layer.conv, self.layer.basis
+        base, spline = self.layer.split_weights()
+        rbf = [torch.exp(-(((x - centre) * basis.inv_width) ** 2)) for centre in basis.centres.tolist()]
+        return (F.conv2d(F.silu(x), base, conv.bias, padding=conv.padding)
+                + F.conv2d(torch.cat(rbf, dim=1), spline, None, padding=conv.padding))
+
+
+def reference_model(model: KANUNet2D) -> nn.Module:
+    """A copy of ``model`` whose every FastKAN layer runs the reference formula."""
+    import copy
+
+    reference = copy.deepcopy(model).float().eval()
+    for module in list(reference.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, FastKANConv2d):
+                setattr(module, name, ReferenceKANConv2d(child))
+    return reference
+
+
+class Configured(nn.Module):
+    """A peer 2D network with the ``config.head`` attribute SlicePredictor reads."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.config = ModelConfig()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+
+def calibrate(model: KANUNet2D, inputs: np.ndarray) -> KANUNet2D:
+    """Give a random network a trained network's scales: BatchNorm statistics from real slices
+    (activations of unit size in every layer, logits of order 1 instead of 1e-3), then the head
+    bias centred so that every class wins somewhere. Without this a random network predicts one
+    class everywhere, from near-tied logits, and the accuracy check says nothing."""
+    sample = torch.from_numpy(inputs[:: max(1, len(inputs) // 8)])
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(sample), 4):
+            model(sample[start:start + 4])
+    model.eval()
+    with torch.no_grad():
+        model.head.conv.bias -= model(sample).mean(dim=(0, 2, 3))
+    return model
+
+
+def build_models(widths: list[int], model_path: Path | None, inputs: np.ndarray) -> dict[str, nn.Module]:
+    from monai.networks.nets import BasicUNet, SegResNet
+
+    torch.manual_seed(0)
+    models: dict[str, nn.Module] = {}
+    trained = None
+    if model_path is not None:
+        from KANTumorSegLib.weights import load_model
+
+        trained = load_model(model_path)[0]
+    for width in widths:
+        if trained is not None and trained.config.base_width == width:
+            models[f"KANU-Net w{width} (trained)"] = trained
+        else:
+            models[f"KANU-Net w{width}"] = calibrate(KANUNet2D(ModelConfig(base_width=width)), inputs)
+        models[f"plain U-Net w{width}"] = KANUNet2D(ModelConfig(base_width=width, conv="plain")).eval()
+    models["BasicUNet 2D"] = Configured(BasicUNet(spatial_dims=2, in_channels=4, out_channels=4)).eval()
+    models["SegResNet 3D"] = SegResNet(spatial_dims=3, init_filters=16, in_channels=4, out_channels=3).eval()
+    return models
+
+
+# ----------------------------------------------------------------------------- data
+def case_files(name: str) -> dict[str, Path]:
+    folder = SAMPLES / CASES[name]
+    if not folder.is_dir():
+        folder = REPO / ".device" / "bench" / "case"  # what the GPU run carries
+    return {m: folder / f"{name}_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair", "seg")}
+
+
+def read_volume(name: str):
+    from KANTumorSegLib.volumes import load_case
+
+    files = case_files(name)
+    return load_case({m: files[m] for m in ("t1", "t1ce", "t2", "flair")})
+
+
+def brain_slices(volume: np.ndarray, config: PreprocessingConfig) -> tuple[np.ndarray, list]:
+    """The reference preprocessing: (N, 4, 224, 224) crops of the brain slices and their boxes."""
+    inputs, boxes = [], []
+    for z in range(volume.shape[3]):
+        prepared = preprocess_slice(volume[..., z], config)
+        if prepared is not None:
+            inputs.append(prepared[0])
+            boxes.append((z, prepared[1]))
+    return np.stack(inputs), boxes
+
+
+def segresnet_input(volume: np.ndarray) -> np.ndarray:
+    """Auto3DSeg-style input: each modality z-scored over the brain, depth padded to a multiple of 8."""
+    brain = (volume > volume.reshape(4, -1).min(axis=1)[:, None, None, None]).any(axis=0)
+    out = np.zeros_like(volume)
+    for c in range(4):
+        values = volume[c][brain]
+        out[c][brain] = (values - values.mean()) / max(values.std(), 1e-6)
+    pad = (-volume.shape[3]) % 8
+    return np.pad(out, ((0, 0), (0, 0), (0, 0), (0, pad)))[None]
+
+
+# ----------------------------------------------------------------------------- forward passes
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def model_alone_2d(model: nn.Module, inputs: np.ndarray, device: torch.device, batch: int):
+    """Forward passes over every slice, the library's way (channels last, its precision)."""
+    predictor = SlicePredictor(model, device, batch)
+    x = torch.from_numpy(inputs).to(device).contiguous(memory_format=torch.channels_last)
+
+    def run() -> None:
+        with torch.inference_mode(), autocast(device, predictor.dtype):
+            for start in range(0, len(x), batch):
+                predictor.model(x[start:start + batch])
+
+    return run, predictor.dtype
+
+
+def segresnet_forward(model: nn.Module, volume: np.ndarray, device: torch.device, dtype: torch.dtype):
+    model = model.to(device)
+    x = torch.from_numpy(segresnet_input(volume)).to(device)
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode(), autocast(device, dtype):
+            return model(x)
+
+    return run
+
+
+def peer_command(model: nn.Module, name: str, device: torch.device, dtype: torch.dtype, out_dir: Path) -> None:
+    """The peers' whole command: the library's reading and writing around their forward pass."""
+    import SimpleITK as sitk
+
+    from KANTumorSegLib.measurements import tumour_volumes
+    from KANTumorSegLib.outputs import output_names, write_labelmap, write_segmentation, write_volumes
+    from KANTumorSegLib.overview import write_overview
+    from KANTumorSegLib.volumes import labels_to_reference
+
+    volume, grid = read_volume(name)
+    if isinstance(model, Configured):
+        labels = segment_volume(volume, SlicePredictor(model, device), PreprocessingConfig())
+    else:
+        logits = segresnet_forward(model, volume, device, dtype)()
+        labels = decode_logits(logits[..., : volume.shape[3]].float(), "regions")[0].cpu().numpy()
+    reference = labels_to_reference(labels, grid)
+    names = output_names(name)
+    write_labelmap(out_dir / names["labelmap"], reference, "brats2020")
+    write_segmentation(out_dir / names["segmentation"], reference)
+    volumes = tumour_volumes(sitk.GetArrayViewFromImage(reference), reference.GetSpacing())
+    write_volumes(out_dir / names["volumes_json"], out_dir / names["volumes_csv"], volumes, {"case": name})
+    write_overview(out_dir / names["overview"], volume, labels)
+
+
+def save_weights(model: KANUNet2D, folder: Path) -> Path:
+    from KANTumorSegLib.weights import save_model
+
+    path = folder / f"bench_{model.config.conv}_w{model.config.base_width}.safetensors"
+    if not path.exists():
+        save_model(model.cpu(), path, {"name": path.stem, "preprocessing": PreprocessingConfig().to_dict(),
+                                       "labels": "brats2020", "training": "none: random weights for timing"})
+    return path
+
+
+# ----------------------------------------------------------------------------- accuracy
+def reference_labels(model: KANUNet2D, volume: np.ndarray) -> np.ndarray:
+    """Labels of the float32 reference: the two-branch formula on every 224 brain crop."""
+    reference = reference_model(model.cpu())
+    config = PreprocessingConfig()
+    inputs, boxes = brain_slices(volume, config)
+    labels = np.zeros(volume.shape[1:], dtype=np.uint8)
+    with torch.inference_mode():
+        for start in range(0, len(inputs), 8):
+            logits = reference(torch.from_numpy(inputs[start:start + 8]))
+            for (z, box), window in zip(boxes[start:start + 8], decode_logits(logits, model.config.head).numpy()):
+                labels[..., z] = paste(window, box, volume.shape[1:3])
+    return labels
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def accuracy(model: KANUNet2D, device: torch.device, cases: list[str]) -> list[dict]:
+    rows = []
+    for name in cases:
+        volume, _ = read_volume(name)
+        brain = (volume > volume.reshape(4, -1).min(axis=1)[:, None, None, None]).any(axis=0)
+        expected = reference_labels(model, volume)
+        predictor = SlicePredictor(model, device)
+        got = segment_volume(volume, predictor, PreprocessingConfig())
+        model.cpu()
+        row = {"case": name, "dtype": str(predictor.dtype).replace("torch.", ""),
+               "voxels_differing": int((expected != got).sum())}
+        for region, values in REGIONS.items():
+            row[region] = dice(np.isin(expected, values) & brain, np.isin(got, values) & brain)
+            row[f"{region}_voxels"] = int((np.isin(expected, values) & brain).sum())
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+    parser.add_argument("--widths", type=int, nargs="+", default=[8, 16], help="KANU-Net base widths")
+    parser.add_argument("--model", type=Path, default=None, help="a trained weights file to use for its width")
+    parser.add_argument("--case", default="BraTS20_Training_001", choices=sorted(CASES))
+    parser.add_argument("--batch", type=int, default=16, help="slices per forward pass")
+    parser.add_argument("--repeats", type=int, default=1, help="timed repeats per row (median)")
+    parser.add_argument("--accuracy-cases", nargs="*", default=sorted(CASES), help="3D cases for the accuracy check")
+    parser.add_argument("--skip", nargs="*", default=[], help="rows to leave out (substring of the model name)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every number here")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "load_average_start": os.getloadavg(), "rows": []}
+    report["ceilings"] = ceilings(device)
+    print(f"# {report['device']}, {report['threads']} threads, torch {torch.__version__}, load {os.getloadavg()[0]:.1f}; "
+          + ", ".join(f"{k} {v:.2f}" for k, v in report["ceilings"].items()), flush=True)
+
+    volume, _ = read_volume(args.case)
+    inputs, _ = brain_slices(volume, PreprocessingConfig())
+    models = {k: v for k, v in build_models(args.widths, args.model, inputs).items() if not any(s in k for s in args.skip)}
+    n_slices = len(inputs)
+    work = Path(tempfile.mkdtemp(prefix="kts-bench-"))
+    native_dtype = SlicePredictor(KANUNet2D(ModelConfig(base_width=2)), device).dtype
+
+    for label, model in models.items():
+        row: dict = {"model": label, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+        if label.startswith("SegResNet"):
+            # A Slicer user's SegResNet runs float32 on the CPU; bf16 is timed too where native.
+            for dtype in dict.fromkeys((torch.float32, native_dtype)):
+                run = segresnet_forward(model, volume, device, dtype)
+                suffix = "" if dtype == torch.float32 else " bf16"
+                row[f"model_s{suffix}"], row[f"model_peak_gib{suffix}"] = timed(run, device, args.repeats)
+            small = torch.zeros(1, 4, 96, 96, 64, device=device)
+            with torch.inference_mode():
+                row["flops_case"] = flops_of(lambda m=model, s=small: m(s)) * (240 * 240 * 160) / (96 * 96 * 64)
+            row["model_dtype"] = "float32"
+        else:
+            run, dtype = model_alone_2d(model, inputs, device, args.batch)
+            row["model_s"], row["model_peak_gib"] = timed(run, device, args.repeats)
+            row["model_dtype"] = str(dtype).replace("torch.", "")
+            one = torch.from_numpy(inputs[:1]).to(device)
+            with torch.inference_mode():
+                row["flops_case"] = flops_of(lambda m=model, one=one: m.to(device)(one)) * n_slices
+            row["slices_per_s"] = n_slices / row["model_s"]
+        row["model_tflops"] = row["flops_case"] / row["model_s"] / 1e12
+
+        out_dir = work / label.replace(" ", "_").replace("(", "").replace(")", "")
+        out_dir.mkdir()
+        if isinstance(model, KANUNet2D):
+            from KANTumorSegLib.cli import main as kantumorseg
+
+            weights = save_weights(model, work)
+            folder = case_files(args.case)["t1ce"].parent
+            command = ["segment", str(folder), "-o", str(out_dir), "--model", str(weights), "--device", args.device,
+                       "--progress", "none", "--overwrite", "--batch-size", str(args.batch)]
+
+            def run_command(command=command) -> None:
+                assert kantumorseg(command) == 0
+
+            row["command_s"], row["command_peak_gib"] = timed(run_command, device, args.repeats)
+        else:
+            row["command_s"], row["command_peak_gib"] = timed(
+                lambda m=model, d=out_dir: peer_command(m, args.case, device, native_dtype, d), device, args.repeats)
+        model.cpu()
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
+
+    seg = next((r for r in report["rows"] if r["model"].startswith("SegResNet")), None)
+    peer_s = min(seg.get("model_s", np.inf), seg.get("model_s bf16", np.inf)) if seg else float("nan")
+    kan = [m for m in models.values() if isinstance(m, KANUNet2D) and m.config.conv == "kan"]
+    report["accuracy"] = [dict(width=m.config.base_width, **row) for m in kan for row in accuracy(m, device, args.accuracy_cases)]
+    report["load_average_end"] = os.getloadavg()
+
+    print(f"\n## {args.case}: {n_slices} brain slices, {report['device']}, {report['threads']} threads, "
+          f"load average {report['load_average_start'][0]:.1f} -> {report['load_average_end'][0]:.1f}")
+    print("| model | params (M) | precision | model s/case | slices/s | model peak GiB | command s/case | command peak GiB "
+          "| command / SegResNet | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in report["rows"]:
+        print(f"| {row['model']} | {row['params_M']:.2f} | {row['model_dtype']} | {row['model_s']:.2f}"
+              + (f" (bf16 {row['model_s bf16']:.2f})" if "model_s bf16" in row else "")
+              + f" | {row.get('slices_per_s', float('nan')):.1f} | {row['model_peak_gib']:.2f} | {row['command_s']:.2f} "
+              f"| {row['command_peak_gib']:.2f} | {row['command_s'] / peer_s:.2f} | {row['model_tflops']:.2f} |")
+    print("\n| width | case | precision | WT Dice | TC Dice | ET Dice | voxels differing | pass (>= 0.99) |")
+    print("|---|---|---|---|---|---|---|---|")
+    ok = True
+    for row in report["accuracy"]:
+        passed = all(row[r] >= 0.99 for r in REGIONS)
+        ok &= passed
+        print(f"| {row['width']} | {row['case']} | {row['dtype']} | {row['WT']:.4f} | {row['TC']:.4f} | {row['ET']:.4f} "
+              f"| {row['voxels_differing']} | {'yes' if passed else 'NO'} |")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
