@@ -33,12 +33,15 @@ def choose_device(requested: str):
     return torch.device(requested)
 
 
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory", "could not create a primitive")
+"""CUDA's, the CPU allocator's, and oneDNN's (its scratch memory could not be allocated) words."""
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's "out of memory" or the CPU allocator's "not enough memory" / "can't allocate"."""
     if isinstance(error, MemoryError):
         return True
     message = str(error).lower()
-    return any(words in message for words in ("out of memory", "not enough memory", "can't allocate memory"))
+    return any(words in message for words in OUT_OF_MEMORY_MESSAGES)
 
 
 GPU_MEMORY_FRACTION = 0.7
@@ -92,7 +95,7 @@ class SlicePredictor:
         self.measured = True
         return labels
 
-    def _lower_batch(self) -> None:
+    def _lower_batch(self, error: BaseException) -> None:
         """After an out-of-memory error: halve the batch, or leave the GPU at one slice."""
         import torch
 
@@ -108,7 +111,8 @@ class SlicePredictor:
             self.dtype = torch.float32
             self.measured = True
         else:
-            raise KANTumorSegError("Not enough memory to segment even one slice on the CPU; close other programs and retry.")
+            raise KANTumorSegError(
+                f"Not enough memory to segment even one slice on the CPU ({str(error).strip()[:80]}); close other programs and retry.")
 
     def predict(self, inputs: np.ndarray, progress: Callable[[int], None] = lambda done: None) -> np.ndarray:
         """(N, 4, H, W) inputs -> (N, H, W) uint8 labels."""
@@ -127,7 +131,7 @@ class SlicePredictor:
                     raise
                 if not self.measured:  # one slice did not fit
                     self.batch_size = 1
-                self._lower_batch()
+                self._lower_batch(error)
                 continue
             start = stop
             progress(start)
