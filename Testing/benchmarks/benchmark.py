@@ -28,6 +28,8 @@ brain only (a trained model predicts none outside it).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -250,15 +252,29 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def model_alone_2d(model: nn.Module, inputs: np.ndarray, device: torch.device, batch: int):
-    """Forward passes over every slice, the library's way (channels last, its precision)."""
+def concatenated_expansion(self: FastKANConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The expansion before this work, for the "before" rows: torch.cat of NCHW branches."""
+    return torch.cat([F.silu(x), self.basis(x)], dim=1)
+
+
+def model_alone_2d(model: nn.Module, inputs: np.ndarray, device: torch.device, batch: int, before: bool = False):
+    """Forward passes over every slice, the library's way (channels last, its precision), or
+    with ``before`` the way of the first version (NCHW, concatenated expansion)."""
     predictor = SlicePredictor(model, device, batch)
-    x = torch.from_numpy(inputs).to(device).contiguous(memory_format=torch.channels_last)
+    layout = torch.contiguous_format if before else torch.channels_last
+    model = predictor.model.to(memory_format=layout)
+    x = torch.from_numpy(inputs).to(device).contiguous(memory_format=layout)
 
     def run() -> None:
-        with torch.inference_mode(), autocast(device, predictor.dtype):
-            for start in range(0, len(x), batch):
-                predictor.model(x[start:start + batch])
+        fast = FastKANConv2d.expand
+        if before:
+            FastKANConv2d.expand = concatenated_expansion
+        try:
+            with torch.inference_mode(), autocast(device, predictor.dtype):
+                for start in range(0, len(x), batch):
+                    model(x[start:start + batch])
+        finally:
+            FastKANConv2d.expand = fast
 
     return run, predictor.dtype
 
@@ -309,17 +325,20 @@ def save_weights(model: KANUNet2D, folder: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- accuracy
-def reference_labels(model: KANUNet2D, volume: np.ndarray) -> np.ndarray:
-    """Labels of the float32 reference: the two-branch formula on every 224 brain crop."""
-    reference = reference_model(model.cpu())
+def reference_labels(model: KANUNet2D, volume: np.ndarray, device: torch.device) -> np.ndarray:
+    """Labels of the float32 reference: the two-branch formula on every 224 brain crop (TF32 off)."""
+    reference = reference_model(model.cpu()).to(device)
     config = PreprocessingConfig()
     inputs, boxes = brain_slices(volume, config)
     labels = np.zeros(volume.shape[1:], dtype=np.uint8)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     with torch.inference_mode():
         for start in range(0, len(inputs), 8):
-            logits = reference(torch.from_numpy(inputs[start:start + 8]))
+            logits = reference(torch.from_numpy(inputs[start:start + 8]).to(device)).cpu()
             for (z, box), window in zip(boxes[start:start + 8], decode_logits(logits, model.config.head).numpy()):
                 labels[..., z] = paste(window, box, volume.shape[1:3])
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     return labels
 
 
@@ -329,20 +348,27 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def accuracy(model: KANUNet2D, device: torch.device, cases: list[str]) -> list[dict]:
+    """Dice per region between the reference and the command's path, in the library's precision
+    and, where that is not float32, in float32 too (which isolates the windows and layout)."""
     rows = []
     for name in cases:
         volume, _ = read_volume(name)
         brain = (volume > volume.reshape(4, -1).min(axis=1)[:, None, None, None]).any(axis=0)
-        expected = reference_labels(model, volume)
-        predictor = SlicePredictor(model, device)
-        got = segment_volume(volume, predictor, PreprocessingConfig())
+        expected = reference_labels(model, volume, device)
+        for half in (True, False):
+            predictor = SlicePredictor(model, device, half=half)
+            if not half and predictor.dtype == SlicePredictor(model, device).dtype:
+                continue
+            got = segment_volume(volume, predictor, PreprocessingConfig())
+            dtype = str(predictor.dtype).replace("torch.", "")
+            if device.type == "cuda" and predictor.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+                dtype += " (cuDNN TF32)"
+            row = {"case": name, "dtype": dtype, "voxels_differing": int((expected != got).sum())}
+            for region, values in REGIONS.items():
+                row[region] = dice(np.isin(expected, values) & brain, np.isin(got, values) & brain)
+                row[f"{region}_voxels"] = int((np.isin(expected, values) & brain).sum())
+            rows.append(row)
         model.cpu()
-        row = {"case": name, "dtype": str(predictor.dtype).replace("torch.", ""),
-               "voxels_differing": int((expected != got).sum())}
-        for region, values in REGIONS.items():
-            row[region] = dice(np.isin(expected, values) & brain, np.isin(got, values) & brain)
-            row[f"{region}_voxels"] = int((np.isin(expected, values) & brain).sum())
-        rows.append(row)
     return rows
 
 
@@ -358,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats per row (median)")
     parser.add_argument("--accuracy-cases", nargs="*", default=sorted(CASES), help="3D cases for the accuracy check")
     parser.add_argument("--skip", nargs="*", default=[], help="rows to leave out (substring of the model name)")
+    parser.add_argument("--before", type=int, nargs="*", default=[], help="widths to time the first version's model for")
+    parser.add_argument("--work", type=Path, default=None, help="folder for weights and outputs (default: a new temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
     args = parser.parse_args(argv)
 
@@ -375,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs, _ = brain_slices(volume, PreprocessingConfig())
     models = {k: v for k, v in build_models(args.widths, args.model, inputs).items() if not any(s in k for s in args.skip)}
     n_slices = len(inputs)
-    work = Path(tempfile.mkdtemp(prefix="kts-bench-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="kts-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     native_dtype = SlicePredictor(KANUNet2D(ModelConfig(base_width=2)), device).dtype
 
     for label, model in models.items():
@@ -400,8 +429,11 @@ def main(argv: list[str] | None = None) -> int:
             row["slices_per_s"] = n_slices / row["model_s"]
         row["model_tflops"] = row["flops_case"] / row["model_s"] / 1e12
 
+        if isinstance(model, KANUNet2D) and model.config.conv == "kan" and model.config.base_width in args.before:
+            run, _ = model_alone_2d(model, inputs, device, args.batch, before=True)
+            row["before_model_s"], row["before_model_peak_gib"] = timed(run, device, args.repeats)
         out_dir = work / label.replace(" ", "_").replace("(", "").replace(")", "")
-        out_dir.mkdir()
+        out_dir.mkdir(exist_ok=True)
         if isinstance(model, KANUNet2D):
             from KANTumorSegLib.cli import main as kantumorseg
 
@@ -411,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                        "--progress", "none", "--overwrite", "--batch-size", str(args.batch)]
 
             def run_command(command=command) -> None:
-                assert kantumorseg(command) == 0
+                with contextlib.redirect_stdout(io.StringIO()):
+                    assert kantumorseg(command) == 0
 
             row["command_s"], row["command_peak_gib"] = timed(run_command, device, args.repeats)
         else:
@@ -435,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in report["rows"]:
         print(f"| {row['model']} | {row['params_M']:.2f} | {row['model_dtype']} | {row['model_s']:.2f}"
               + (f" (bf16 {row['model_s bf16']:.2f})" if "model_s bf16" in row else "")
+              + (f" (first version {row['before_model_s']:.2f})" if "before_model_s" in row else "")
               + f" | {row.get('slices_per_s', float('nan')):.1f} | {row['model_peak_gib']:.2f} | {row['command_s']:.2f} "
               f"| {row['command_peak_gib']:.2f} | {row['command_s'] / peer_s:.2f} | {row['model_tflops']:.2f} |")
     print("\n| width | case | precision | WT Dice | TC Dice | ET Dice | voxels differing | pass (>= 0.99) |")
