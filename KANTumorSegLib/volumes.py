@@ -224,9 +224,25 @@ def labels_to_reference(labels: np.ndarray, grid: ModelGrid) -> sitk.Image:
     return resample_like(image, grid.reference, sitk.sitkNearestNeighbor, 0)
 
 
+def check_distinct(images: dict[str, sitk.Image], paths: dict[str, Path]) -> None:
+    """Refuse two modalities with identical voxels: one series exported twice under two
+    names, which the model would take for two contrasts without any error."""
+    seen: list[str] = []
+    for modality, image in images.items():
+        for other in seen:
+            twin = images[other]
+            if (twin.GetSize() == image.GetSize()
+                    and np.array_equal(sitk.GetArrayViewFromImage(twin), sitk.GetArrayViewFromImage(image))):
+                raise KANTumorSegError(
+                    f"The {other.upper()} file {paths[other]} and the {modality.upper()} file {paths[modality]} hold the "
+                    "same image (identical voxels); one modality was exported twice, each needs its own series.")
+        seen.append(modality)
+
+
 def load_case(paths: dict[str, Path]) -> tuple[np.ndarray, ModelGrid]:
     """Read and align the four modalities: a (4, X, Y, Z) model-grid array and its grid."""
     images = {m: read_image(paths[m], m) for m in MODALITIES}
+    check_distinct(images, paths)
     aligned = align_to_reference(images, paths)
     grid = model_grid(aligned[REFERENCE_MODALITY])
     volume = np.stack([to_model_array(aligned[m], grid.grid) for m in MODALITIES])

@@ -197,6 +197,18 @@ def same_file_twice(s: Setup) -> list[str]:
     return s.args("--t2", str(s.file("t1")))
 
 
+def exported_twice(s: Setup) -> list[str]:
+    # The FLAIR series saved again under the T2 name: another file, the same voxels.
+    shutil.copy(s.file("flair"), s.file("t2"))
+    return s.args()
+
+
+def hard_link_twice(s: Setup) -> list[str]:
+    twin = s.tmp / "same_inode_t1ce.nii.gz"
+    os.link(s.file("t1ce"), twin)
+    return s.args("--t1", str(twin))
+
+
 def grids_do_not_overlap(s: Setup) -> list[str]:
     image = sitk.ReadImage(str(s.file("flair")))
     image.SetOrigin(tuple(o + 500.0 for o in image.GetOrigin()))
@@ -323,6 +335,8 @@ TABLE = [
     Row(constant_volume, 2, r"error: The T2 file \S+crop_t2\.nii\.gz is constant \(every voxel 117\)"),
     Row(all_nan_volume, 2, r"error: The T2 file \S+crop_t2\.nrrd holds no finite voxel values"),
     Row(same_file_twice, 2, r"error: T1 and T2 are the same file \S+crop_t1\.nii\.gz"),
+    Row(exported_twice, 2, r"error: The T2 file \S+crop_t2\.nii\.gz and the FLAIR file \S+crop_flair\.nii\.gz hold the same image"),
+    Row(hard_link_twice, 2, r"error: The T1 file \S+same_inode_t1ce\.nii\.gz and the T1CE file \S+crop_t1ce\.nii\.gz hold the same image"),
     Row(grids_do_not_overlap, 2, r"error: The FLAIR file \S+crop_flair\.nii\.gz does not overlap the T1ce image in space"),
     Row(output_under_a_file, 2, r"error: Output folder \S+a_file/out could not be created"),
     Row(output_read_only, 2, r"error: Output folder \S+out is not writable"),
