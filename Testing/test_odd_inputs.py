@@ -2,10 +2,12 @@
 
 The 8-slice crop of BraTS20_Training_001 is rewritten in tmp_path: in another orientation
 (RAS; axes permuted as a sagittal acquisition would store them), with each modality's
-intensities multiplied by a constant, with FLAIR on another overlapping grid, and resampled
-to 0.5 mm or 2 mm in-plane. Each is segmented by the real pipeline (segment_case, the code
-behind ``kantumorseg segment``), its labelmap mapped back to the plain run's reference grid
-by nearest neighbour, and compared to the plain run: WT Dice >= 0.98, >= 0.9 after resampling.
+intensities multiplied by a constant, with FLAIR on another overlapping grid (a smaller
+field of view; or resampled to 1.2 mm and shifted), and resampled to 0.5 mm or 2 mm in-plane.
+Each is segmented by the real pipeline (segment_case, the code behind ``kantumorseg segment``),
+its labelmap mapped back to the plain run's reference grid
+by nearest neighbour, and compared to the plain run: WT Dice >= 0.98, >= 0.9 where voxels
+were interpolated (resampling loses detail that no pipeline can restore).
 
 Those thresholds are about a trained model, so they run with the shipped model
 (Resources/Models/kanunet2d_brats.safetensors) and skip while it is absent. Where the
@@ -48,7 +50,13 @@ def scaled(images: dict[str, sitk.Image]) -> dict[str, sitk.Image]:
 
 
 def flair_on_another_grid(images: dict[str, sitk.Image]) -> dict[str, sitk.Image]:
-    # 1.2 mm in-plane, shifted by 5.3 mm: overlapping, so resampled onto T1ce with a warning.
+    # A smaller field of view (other size and origin, same voxels): overlapping, so resampled
+    # onto T1ce with a warning, background outside.
+    return {**images, "flair": images["flair"][18:222, 12:230, :]}
+
+
+def flair_resampled(images: dict[str, sitk.Image]) -> dict[str, sitk.Image]:
+    # 1.2 mm in-plane, shifted by 5.3 mm: interpolated twice (there and back onto T1ce).
     flair = images["flair"]
     spacing = (1.2, 1.2, flair.GetSpacing()[2])
     size = [int(flair.GetSize()[0] / 1.2), int(flair.GetSize()[1] / 1.2), flair.GetSize()[2]]
@@ -140,8 +148,8 @@ def test_intensity_scale_gives_the_same_labels_with_random_weights(random_compar
 
 @pytest.mark.parametrize("make, threshold", [
     (ras, 0.98), (permuted, 0.98), (scaled, 0.98), (flair_on_another_grid, 0.98),
-    (in_plane(0.5), 0.9), (in_plane(2.0), 0.9),
-], ids=["ras", "permuted", "scaled", "flair_on_another_grid", "in_plane_0.5mm", "in_plane_2mm"])
+    (flair_resampled, 0.9), (in_plane(0.5), 0.9), (in_plane(2.0), 0.9),
+], ids=["ras", "permuted", "scaled", "flair_on_another_grid", "flair_resampled_1.2mm", "in_plane_0.5mm", "in_plane_2mm"])
 def test_trained_model_finds_the_same_tumour(trained_comparison: Comparison, make: Variant, threshold: float):
     assert region_mask(trained_comparison.plain_array, "WT").sum() > 1000, "the trained model should find the tumour"
     dice = wt_dice(trained_comparison.variant(make), trained_comparison.plain_array)
