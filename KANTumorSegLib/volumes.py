@@ -59,8 +59,11 @@ def check_nifti_complete(path: Path, label: str) -> None:
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return
+    with open(path, "rb") as stream:
+        # ITK also reads an uncompressed file named .nii.gz: only a gzip stream is decompressed.
+        compressed = stream.read(2) == b"\x1f\x8b"
     try:
-        if name.endswith(".gz"):
+        if compressed:
             with gzip.open(path, "rb") as stream:
                 header = stream.read(544)
                 size = len(header) + sum(len(block) for block in iter(lambda: stream.read(1 << 22), b""))

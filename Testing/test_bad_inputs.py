@@ -464,3 +464,15 @@ def test_cpu_run_under_a_memory_limit_fails_with_a_sentence_not_a_kill(setup: Se
                             capture_output=True, text=True, timeout=60)
     assert_refused(result, 2, r"error: (out of memory|Not enough memory)")
     assert folder_state(setup.out) is None
+
+
+def test_uncompressed_nifti_named_nii_gz_is_still_read(setup: Setup):
+    # Some exporters name plain NIfTI files .nii.gz; ITK reads them, so must the length check.
+    from KANTumorSegLib.volumes import read_image
+
+    plain = setup.tmp / "plain.nii"
+    sitk.WriteImage(sitk.ReadImage(str(setup.file("t2"))), str(plain))
+    misnamed = setup.tmp / "misnamed_t2.nii.gz"
+    plain.rename(misnamed)
+    image = read_image(misnamed, "t2")
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), read_array(setup.file("t2")))
