@@ -38,7 +38,14 @@ class PreprocessingConfig:
         channels = data.get("channels", list(MODALITIES))
         if list(channels) != list(MODALITIES):
             raise ValueError(f"channel order {channels} is not {list(MODALITIES)}")
-        return cls(gamma=tuple(float(g) for g in data["gamma"]), crop_size=int(data["crop_size"]))
+        gamma = tuple(float(g) for g in data["gamma"])
+        # One positive gamma per channel: a short list would leave a channel unscaled.
+        if len(gamma) != len(MODALITIES) or not all(g > 0 for g in gamma):
+            raise ValueError(f"gamma {list(gamma)} needs {len(MODALITIES)} positive values, one per channel")
+        crop_size = int(data["crop_size"])
+        if crop_size < 16 or crop_size % 16:
+            raise ValueError(f"crop_size {crop_size} must be a positive multiple of 16 (the network pools four times by 2)")
+        return cls(gamma=gamma, crop_size=crop_size)
 
 
 def brain_mask(slice_: np.ndarray) -> np.ndarray:
