@@ -1,0 +1,93 @@
+"""Command line of the training package: train, export, grid, report.
+
+``kantumorseg-train --config X.yaml [--override key=value ...]`` and
+``kantumorseg-export RUN_DIR -o Resources/Models/kanunet2d_brats.safetensors`` are the
+installed entry points; ``python -m Training {train,export,grid,report}`` reaches all four.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", type=Path, help="YAML config (missing keys take the study's defaults)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="set one config value, e.g. train.epochs=2 (repeatable)")
+    return parser
+
+
+def _export_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("run_dir", type=Path, help="a finished run directory (config.yaml, best.pt, results.json)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="weights file to write (.safetensors)")
+    parser.add_argument("--name", default="", help="model name stored in the card")
+    return parser
+
+
+def _run(func) -> int:
+    from KANTumorSegLib.errors import KANTumorSegError
+
+    try:
+        func()
+    except (KANTumorSegError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _train(args) -> None:
+    from .config import load_config
+    from .train import train
+
+    if args.config is not None and not args.config.exists():
+        raise FileNotFoundError(f"Config file {args.config} does not exist.")
+    run_dir = train(load_config(args.config, args.override))
+    print(run_dir)
+
+
+def _export(args) -> None:
+    from .export import export_run
+
+    card = export_run(args.run_dir, args.output, args.name)
+    print(f"{args.output} ({card['weights_dtype']}, sha256 {card['sha256'][:12]}...)")
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    args = _train_parser(argparse.ArgumentParser(prog="kantumorseg-train", description="Train a KANU-Net 2D")).parse_args(argv)
+    return _run(lambda: _train(args))
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kantumorseg-export", description="Export a run as safetensors + model card")
+    args = _export_parser(parser).parse_args(argv)
+    return _run(lambda: _export(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m Training", description="KANTumorSeg training pipeline")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _train_parser(commands.add_parser("train", help="train one run"))
+    _export_parser(commands.add_parser("export", help="export a run to safetensors + model card"))
+    grid = commands.add_parser("grid", help="run the experiment grid as parallel processes")
+    grid.add_argument("--config", type=Path, required=True, help="grid YAML (base config, seeds, cells)")
+    grid.add_argument("--jobs", type=int, default=4, help="runs at a time")
+    grid.add_argument("--only", default="", help="comma-separated cell names to run (default: all)")
+    grid.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="set for every run (repeatable)")
+    report = commands.add_parser("report", help="tables and figures from finished runs")
+    report.add_argument("runs", type=Path, help="folder of run directories")
+    report.add_argument("--figures", type=Path, default=Path("docs/figures"))
+    report.add_argument("--tables", type=Path, default=None, help="write the markdown tables here")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return _run(lambda: _train(args))
+    if args.command == "export":
+        return _run(lambda: _export(args))
+    if args.command == "grid":
+        from .grid import run_grid
+
+        return _run(lambda: run_grid(args.config, args.jobs, [c for c in args.only.split(",") if c], args.override))
+    from .report import write_report
+
+    return _run(lambda: write_report(args.runs, args.figures, args.tables))

@@ -1,0 +1,90 @@
+"""Run configuration: a YAML file over the study's defaults, plus ``key.path=value`` overrides."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+DEFAULTS: dict = {
+    "name": "run",
+    "seed": 0,
+    "output": "runs",
+    "data": {
+        "root": "../shared/data/brats_samples",
+        "cache": ".cache/slices",
+        "n_train": 100,
+        "n_val": 50,
+        # grid: n_train slices from the HDF5 pool, then tumour slices of train_case.
+        # all: every HDF5 slice outside validation plus every brain slice of train_case.
+        "pool": "grid",
+        "train_case": "Brats18_2013_2_1",
+        "test_cases": ["BraTS20_Training_001", "BraTS2021_00000"],
+    },
+    "model": {"arch": "kanunet", "base_width": 16, "conv": "kan", "basis": "gaussian", "num_grids": 4,
+              "grid_min": -1.0, "grid_max": 1.0, "head": "classes"},
+    "preprocessing": {"gamma": [1.0, 1.5, 1.5, 1.2], "crop_size": 224},
+    "train": {
+        "epochs": 100,
+        "batch_size": 2,
+        "lr": 1.0e-4,
+        "weight_decay": 1.0e-6,
+        # The study's eta_min of 1e-3 exceeds its lr of 1e-4, which would make the
+        # "annealing" raise the rate; we read it as a typo and anneal down to 1e-6.
+        "eta_min": 1.0e-6,
+        "t0_epochs": 10,
+        "bce_weight": 0.2,
+        "rot90_prob": 0.5,
+        "shift_prob": 0.5,
+        "shift_pixels": 20,
+        "augment": "tensor",
+        "deadline_unix": 0,
+        "amp": True,
+        "device": "auto",
+        "eval_batch": 25,
+        "resume": True,
+        "checkpoint_every": 1,
+        "test": True,
+        "progress": True,
+    },
+}
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_override(config: dict, override: str) -> None:
+    """``train.epochs=2`` sets config["train"]["epochs"] = 2 (the value is read as YAML)."""
+    if "=" not in override:
+        raise ValueError(f"--override {override!r} is not of the form key.path=value")
+    path, raw = override.split("=", 1)
+    keys = path.split(".")
+    node = config
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            raise ValueError(f"--override {override!r}: {key!r} is not a config section")
+        node = node[key]
+    if keys[-1] not in node:
+        raise ValueError(f"--override {override!r}: unknown key {path!r}")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: Path | None, overrides: list[str] = ()) -> dict:
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(loaded) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"{path}: unknown config sections {sorted(unknown)}")
+        config = merge(config, loaded)
+    for override in overrides:
+        apply_override(config, override)
+    return config

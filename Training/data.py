@@ -1,0 +1,235 @@
+"""Readers, the slice cache and patient-disjoint splits.
+
+Two sources of labelled slices: the Kaggle BraTS2020 HDF5 slices (one file per axial slice)
+and BraTS NIfTI case folders (four modalities plus ``seg``). Both are turned into the
+library's model input by ``KANTumorSegLib.preprocessing.preprocess_slice``, so training sees
+exactly what inference sees. Nothing here imports SimpleITK: the GPU machine lacks it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from KANTumorSegLib.preprocessing import MODALITIES, PreprocessingConfig, crop, preprocess_slice
+
+HDF5_FOLDER = "mwarylak_BraTS_Thesis"
+HDF5_CHANNELS = ("flair", "t1", "t1ce", "t2")
+"""Channel order of the Kaggle HDF5 ``image`` dataset (its README)."""
+
+NAMES_2020 = {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg"}
+NAMES_2023 = {"t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "flair": "-t2f", "seg": "-seg"}
+
+CASE_FOLDERS = {
+    "Brats18_2013_2_1": "IAmSuyogJadhav_Brainy/Brats18_2013_2_1",
+    "BraTS20_Training_001": "HunorLaczko_IPCV-TRDP_BraTS_2020/example/BraTS20_Training_001",
+    "BraTS2021_00000": "DevNazrin_brats-segmentation-study/example_case",
+}
+"""The shared 3D cases by id. Brats18_2013_2_1 is training material; the other two are the test set."""
+
+
+def labels_from_onehot(mask: np.ndarray) -> np.ndarray:
+    """(X, Y, 3) one-hot [NCR, ED, ET] -> (X, Y) uint8 labels 0/1/2/4."""
+    onehot = mask.astype(bool)
+    labels = np.zeros(mask.shape[:2], dtype=np.uint8)
+    labels[onehot[..., 0]] = 1
+    labels[onehot[..., 1]] = 2
+    labels[onehot[..., 2]] = 4
+    return labels
+
+
+def read_hdf5_slice(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One Kaggle HDF5 slice -> ((4, X, Y) float32 in T1, T1ce, T2, FLAIR order, (X, Y) labels)."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        image = np.asarray(handle["image"], dtype=np.float32)
+        mask = np.asarray(handle["mask"])
+    order = [HDF5_CHANNELS.index(m) for m in MODALITIES]
+    return np.moveaxis(image, -1, 0)[order], labels_from_onehot(mask)
+
+
+def find_case_files(folder: Path) -> tuple[dict[str, Path], bool]:
+    """The four modalities and ``seg`` of a BraTS case folder; True when named as BraTS 2023."""
+    for names, is_2023 in ((NAMES_2020, False), (NAMES_2023, True)):
+        found = {key: sorted(folder.glob(f"*{suffix}.nii*")) for key, suffix in names.items()}
+        if all(len(files) == 1 for files in found.values()):
+            return {key: files[0] for key, files in found.items()}, is_2023
+    raise FileNotFoundError(f"{folder} holds no complete BraTS case (t1, t1ce, t2, flair and seg NIfTI files).")
+
+
+def read_nifti_case(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A BraTS case folder -> ((4, X, Y, Z) float32 volume, (X, Y, Z) uint8 labels 0/1/2/4).
+
+    nibabel's array of a BraTS file is already in the model-grid layout (X to the left,
+    Y to posterior), the layout of the HDF5 slices.
+    """
+    import nibabel as nib
+
+    files, is_2023 = find_case_files(folder)
+    volume = np.stack([np.asarray(nib.load(str(files[m])).dataobj, dtype=np.float32) for m in MODALITIES])
+    seg = np.asarray(nib.load(str(files["seg"])).dataobj).astype(np.uint8)
+    if is_2023:
+        seg[seg == 3] = 4
+    return volume, seg
+
+
+@dataclass
+class SliceSet:
+    """Preprocessed slices: inputs (N, 4, S, S) float16, labels (N, S, S) uint8 0/1/2/4,
+    and per slice its patient, source and axial index."""
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    patients: np.ndarray
+    sources: np.ndarray
+    z: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index) -> SliceSet:
+        index = np.asarray(index, dtype=int)
+        return SliceSet(self.inputs[index], self.labels[index], self.patients[index], self.sources[index], self.z[index])
+
+    @property
+    def has_tumour(self) -> np.ndarray:
+        return self.labels.reshape(len(self), -1).any(axis=1)
+
+    @staticmethod
+    def concat(parts: list[SliceSet]) -> SliceSet:
+        return SliceSet(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("inputs", "labels", "patients", "sources", "z")))
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, inputs=self.inputs, labels=self.labels, patients=self.patients.astype(str),
+                            sources=self.sources.astype(str), z=self.z)
+
+    @staticmethod
+    def load(path: Path) -> SliceSet:
+        with np.load(path) as data:
+            return SliceSet(data["inputs"], data["labels"], data["patients"], data["sources"], data["z"])
+
+
+def prepare_slice(image: np.ndarray, labels: np.ndarray, config: PreprocessingConfig):
+    """The library's preprocessing of one slice, labels cut by the same crop box; None without brain."""
+    prepared = preprocess_slice(image, config)
+    if prepared is None:
+        return None
+    inputs, box = prepared
+    return inputs.astype(np.float16), crop(labels, box, fill=0)
+
+
+def build_hdf5_set(root: Path, config: PreprocessingConfig) -> SliceSet:
+    """Every HDF5 slice of the Kaggle set, preprocessed; patients from index.csv."""
+    folder = root / HDF5_FOLDER
+    with open(folder / "index.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    inputs, labels, patients, z = [], [], [], []
+    for row in rows:
+        image, label = read_hdf5_slice(folder / "Test_Samples" / row["file"])
+        x, y = prepare_slice(image, label, config)
+        inputs.append(x)
+        labels.append(y)
+        patients.append(row["BraTS2020_id"])
+        z.append(int(row["axial_slice_z"]))
+    return SliceSet(np.stack(inputs), np.stack(labels), np.array(patients), np.array(["hdf5"] * len(rows)), np.array(z))
+
+
+def build_case_set(folder: Path, case: str, config: PreprocessingConfig) -> SliceSet:
+    """Every brain slice of a NIfTI case (with and without tumour), preprocessed."""
+    volume, seg = read_nifti_case(folder)
+    inputs, labels, z = [], [], []
+    for k in range(volume.shape[-1]):
+        prepared = prepare_slice(volume[..., k], seg[..., k], config)
+        if prepared is not None:
+            inputs.append(prepared[0])
+            labels.append(prepared[1])
+            z.append(k)
+    return SliceSet(np.stack(inputs), np.stack(labels), np.array([case] * len(z)), np.array(["nifti"] * len(z)), np.array(z))
+
+
+def cached(cache: Path, name: str, build) -> SliceSet:
+    """Load ``cache/name.npz``, building and saving it first when absent."""
+    path = cache / f"{name}.npz"
+    if not path.exists():
+        build().save(path)
+    return SliceSet.load(path)
+
+
+def load_hdf5(root: Path, cache: Path, config: PreprocessingConfig) -> SliceSet:
+    return cached(cache, "hdf5", lambda: build_hdf5_set(root, config))
+
+
+def load_case(root: Path, cache: Path, case: str, config: PreprocessingConfig) -> SliceSet:
+    return cached(cache, case, lambda: build_case_set(root / CASE_FOLDERS[case], case, config))
+
+
+def pick_patients(patients: np.ndarray, count: int, rng: random.Random) -> set[str]:
+    """Whole patients, in random order, until their slices reach ``count``; patients that
+    would overshoot are skipped so the set hits ``count`` exactly when it can."""
+    unique = sorted(set(patients.tolist()))
+    rng.shuffle(unique)
+    sizes = {p: int((patients == p).sum()) for p in unique}
+    chosen, total = set(), 0
+    for patient in unique:
+        if total + sizes[patient] <= count:
+            chosen.add(patient)
+            total += sizes[patient]
+        if total == count:
+            break
+    return chosen
+
+
+def make_split(hdf5: SliceSet, extra: SliceSet | None, n_train: int, n_val: int, seed: int) -> dict:
+    """Patient-disjoint split: ``n_val`` validation slices of whole HDF5 patients, then
+    ``n_train`` training slices, first from the remaining HDF5 patients, then from ``extra``
+    (the tumour slices of the training 3D case) when the HDF5 pool runs out.
+
+    Returns {"val": [...], "train": [...]} of (source, patient, z) triples plus the counts.
+    """
+    rng = random.Random(seed)
+    val_patients = pick_patients(hdf5.patients, n_val, rng)
+    val = [i for i in range(len(hdf5)) if hdf5.patients[i] in val_patients]
+    pool = [("hdf5", i) for i in range(len(hdf5)) if hdf5.patients[i] not in val_patients]
+    rng.shuffle(pool)
+    if extra is not None:
+        extra_pool = [("extra", i) for i in range(len(extra))]
+        rng.shuffle(extra_pool)
+        pool += extra_pool
+    train = pool[:n_train]
+
+    def key(source: str, i: int) -> list:
+        s = hdf5 if source == "hdf5" else extra
+        return [str(s.sources[i]), str(s.patients[i]), int(s.z[i])]
+
+    return {
+        "seed": seed,
+        "n_train_requested": n_train,
+        "n_train": len(train),
+        "n_val": len(val),
+        "val": [key("hdf5", i) for i in val],
+        "train": [key(s, i) for s, i in train],
+    }
+
+
+def select(split_keys: list, sets: list[SliceSet]) -> SliceSet:
+    """The slices named by (source, patient, z) keys, looked up in ``sets``."""
+    lookup = {}
+    for set_index, s in enumerate(sets):
+        for i in range(len(s)):
+            lookup[(str(s.sources[i]), str(s.patients[i]), int(s.z[i]))] = (set_index, i)
+    parts = []
+    for key in split_keys:
+        set_index, i = lookup[tuple(key)]
+        parts.append(sets[set_index].subset([i]))
+    return SliceSet.concat(parts)
+
+
+def save_split(split: dict, path: Path) -> None:
+    path.write_text(json.dumps(split, indent=1) + "\n")

@@ -1,0 +1,55 @@
+"""A finished run -> the library's weights file and model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+MAX_BYTES = 20 * 1024 * 1024
+"""The shipped model must stay under 20 MB; float16 halves the file when float32 does not fit."""
+
+
+def export_run(run_dir: Path, output: Path, name: str = "") -> dict:
+    import torch
+
+    from KANTumorSegLib.preprocessing import PreprocessingConfig
+    from KANTumorSegLib.weights import save_model
+
+    from .models import build_model
+
+    for needed in ("config.yaml", "best.pt"):
+        if not (run_dir / needed).exists():
+            raise FileNotFoundError(f"{run_dir} is not a finished run: {needed} is missing.")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if config["model"].get("arch", "kanunet") != "kanunet":
+        raise ValueError(f"{run_dir} trained a {config['model']['arch']}; only KANU-Net runs can be exported.")
+    model = build_model(config["model"])
+    model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True))
+    results_file = run_dir / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    split_file = run_dir / "split.json"
+    split = json.loads(split_file.read_text()) if split_file.exists() else {}
+    test = results.get("test", {})
+    for case in test.get("cases", {}).values():
+        case.pop("slice_dice_mean", None)
+    fields = {
+        "name": name or config["name"],
+        "preprocessing": PreprocessingConfig.from_dict(config["preprocessing"]).to_dict(),
+        "label_convention": "brats2020",
+        "training_data": {
+            "description": (
+                "Kaggle BraTS2020 HDF5 slices (mwarylak_BraTS_Thesis, 150 slices of 125 patients) outside the "
+                "validation patients, plus every brain slice of Brats18_2013_2_1 (tumour and tumour-free); "
+                "validation: whole HDF5 patients; test cases never seen: " + ", ".join(config["data"]["test_cases"])),
+            "n_train": split.get("n_train"),
+            "n_val": split.get("n_val"),
+            "validation_patients": sorted({k[1] for k in split.get("val", [])}),
+        },
+        "training_config": config,
+        "metrics": {"best_epoch": results.get("best_epoch"), "validation": results.get("validation"), "test": test},
+    }
+    n_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    card = save_model(model, output, fields, half=n_bytes > MAX_BYTES * 0.95)
+    return card

@@ -1,0 +1,47 @@
+"""Segmentation metrics with the BraTS rule for empty masks.
+
+Dice of a region on one slice (or one volume) is 2|P & G| / (|P| + |G|), and 1 when both
+prediction and ground truth are empty (BraTS). Set-level figures are means over slices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from KANTumorSegLib.labels import CLASS_LABELS, REGIONS
+
+REGION_NAMES = ("WT", "TC", "ET")
+CLASS_NAMES = {1: "NCR", 2: "ED", 4: "ET"}
+METRIC_NAMES = ("accuracy", "dice_WT", "dice_TC", "dice_ET", "dice_mean", "dice_NCR", "dice_ED", "dice_ET_class")
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty (BraTS)."""
+    total = int(pred.sum()) + int(truth.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(pred, truth).sum()) / total
+
+
+def case_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Every metric of one labelmap (0/1/2/4) against its ground truth, any shape."""
+    out = {"accuracy": float((pred == truth).mean())}
+    for region in REGION_NAMES:
+        labels = REGIONS[region]
+        out[f"dice_{region}"] = dice(np.isin(pred, labels), np.isin(truth, labels))
+    out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGION_NAMES]))
+    for label in CLASS_LABELS:
+        name = "ET_class" if label == 4 else CLASS_NAMES[label]
+        out[f"dice_{name}"] = dice(pred == label, truth == label)
+    return out
+
+
+def mean_metrics(preds: np.ndarray, truths: np.ndarray) -> dict[str, float]:
+    """Slice-wise metrics of (N, H, W) labelmaps, averaged over the N slices."""
+    per_slice = [case_metrics(p, t) for p, t in zip(preds, truths)]
+    return {name: float(np.mean([m[name] for m in per_slice])) for name in METRIC_NAMES}
+
+
+def per_slice_mean_dice(preds: np.ndarray, truths: np.ndarray) -> np.ndarray:
+    """Mean Dice over WT/TC/ET of each slice: the paired samples of the KAN vs plain test."""
+    return np.array([case_metrics(p, t)["dice_mean"] for p, t in zip(preds, truths)])
