@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -83,14 +85,29 @@ class AtomicOutputs:
         return final
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        if self.staging is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-        if exc_type is not None and self.created_out_dir:
-            # A failed run leaves no trace: not even the output folder it created.
-            try:
-                self.out_dir.rmdir()
-            except OSError:
-                pass
+        with interrupts_deferred():
+            if self.staging is not None:
+                shutil.rmtree(self.staging, ignore_errors=True)
+            if exc_type is not None and self.created_out_dir:
+                # A failed run leaves no trace: not even the output folder it created.
+                try:
+                    self.out_dir.rmdir()
+                except OSError:
+                    pass
+
+
+@contextmanager
+def interrupts_deferred():
+    """Hold SIGINT and SIGTERM until the block ends, so that an interrupt arriving during
+    cleanup cannot leave half a staging folder; it is delivered right after."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def write_labelmap(path: Path, labels: sitk.Image, convention: str) -> None:

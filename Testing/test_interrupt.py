@@ -75,3 +75,36 @@ def test_sigterm_removes_the_output_folder_it_created(cropped_case: Path, tiny_m
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 143, stderr
     assert not out.exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="signal masks are POSIX")
+def test_cleanup_is_not_cut_short_by_a_signal(tmp_path: Path, monkeypatch):
+    # A real SIGTERM, sent to this process just as AtomicOutputs starts removing its staging
+    # folder, is held until the cleanup is over: the folder is gone, then the signal lands.
+    import shutil
+
+    from KANTumorSegLib import outputs as outputs_module
+
+    class Stop(BaseException):
+        pass
+
+    def stop(signum, frame):
+        raise Stop()
+
+    real_rmtree = shutil.rmtree
+
+    def rmtree_after_a_signal(path, *args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs_module.shutil, "rmtree", rmtree_after_a_signal)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        outputs = outputs_module.AtomicOutputs(tmp_path / "out", {"labelmap": "case_seg.nii.gz"}, overwrite=False)
+        outputs.__enter__()
+        outputs.path("labelmap").write_bytes(b"partial")
+        with pytest.raises(Stop):
+            outputs.__exit__(RuntimeError, RuntimeError("failed"), None)
+        assert not (tmp_path / "out").exists()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
