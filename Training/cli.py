@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("runs", type=Path, help="folder of run directories")
     report.add_argument("--figures", type=Path, default=Path("docs/figures"))
     report.add_argument("--tables", type=Path, default=None, help="write the markdown tables here")
+    report.add_argument("--overlay-model", type=Path, default=None, help="weights file for Fig. 3")
+    report.add_argument("--overlay-case", type=Path, default=None, help="BraTS case folder for Fig. 3")
     args = parser.parse_args(argv)
     if args.command == "train":
         return _run(lambda: _train(args))
@@ -88,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         from .grid import run_grid
 
         return _run(lambda: run_grid(args.config, args.jobs, [c for c in args.only.split(",") if c], args.override))
-    from .report import write_report
+    from .report import overlay_figure, write_report
 
-    return _run(lambda: write_report(args.runs, args.figures, args.tables))
+    def report() -> None:
+        write_report(args.runs, args.figures, args.tables)
+        if args.overlay_model is not None and args.overlay_case is not None:
+            overlay_figure(args.overlay_model, args.overlay_case, args.figures / "fig3_overlay.png")
+
+    return _run(report)

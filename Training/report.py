@@ -1,0 +1,210 @@
+"""Tables and figures from finished runs: the numbers of docs/RESULTS.md.
+
+``python -m Training report RUNS --tables T.md --figures docs/figures`` reads every
+``RUNS/*/*/results.json`` and ``log.csv`` (run names ``<cell>_s<seed>``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+REGIONS = ("WT", "TC", "ET")
+
+
+def load_runs(root: Path) -> dict[str, list[dict]]:
+    """cell name -> its runs (results.json plus the log rows), seeds in order."""
+    cells: dict[str, list[dict]] = defaultdict(list)
+    for results_file in sorted(root.glob("*/*/results.json")):
+        run = json.loads(results_file.read_text())
+        with open(results_file.parent / "log.csv", newline="") as stream:
+            run["log"] = list(csv.DictReader(stream))
+        cells[run["name"].rsplit("_s", 1)[0]].append(run)
+    return dict(cells)
+
+
+def mean_sd(values) -> str:
+    values = np.asarray(values, dtype=float)
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values.mean():.3f}"
+
+
+def cell_row(name: str, runs: list[dict]) -> list[str]:
+    test = [r["test"] for r in runs]
+    return [name, str(runs[0]["n_train"]), str(len(runs)), f"{np.mean([r['epochs_run'] for r in runs]):.0f}",
+            mean_sd([r["validation"]["dice_mean"] for r in runs]),
+            *[mean_sd([t["slices"][f"dice_{g}"] for t in test]) for g in REGIONS],
+            mean_sd([t["slices"]["dice_mean"] for t in test]),
+            mean_sd([t["volume_3d_mean"]["dice_mean"] for t in test]),
+            mean_sd([t["false_positive_ml_total"] for t in test])]
+
+
+def class_row(name: str, runs: list[dict]) -> list[str]:
+    test = [r["test"]["slices"] for r in runs]
+    return [name, str(runs[0]["n_train"]), *[mean_sd([t[k] for t in test]) for k in ("dice_NCR", "dice_ED", "dice_ET_class", "accuracy")]]
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def paired_tests(cells: dict) -> list[list[str]]:
+    """KAN against plain Conv2d per n: Wilcoxon signed-rank over the test slices (each
+    slice's mean Dice averaged over the seeds) and a paired t-test over the seeds."""
+    from scipy.stats import ttest_rel, wilcoxon
+
+    rows = []
+    for n in (50, 100, 150):
+        kan, plain = cells.get(f"kan_n{n}"), cells.get(f"plain_n{n}")
+        if not kan or not plain:
+            continue
+
+        def slice_scores(runs):
+            per_run = [np.concatenate([c["slice_dice_mean"] for c in r["test"]["cases"].values()]) for r in runs]
+            return np.mean(per_run, axis=0)
+
+        a, b = slice_scores(kan), slice_scores(plain)
+        w = wilcoxon(a, b)
+        seeds_a = [r["test"]["slices"]["dice_mean"] for r in sorted(kan, key=lambda r: r["name"])]
+        seeds_b = [r["test"]["slices"]["dice_mean"] for r in sorted(plain, key=lambda r: r["name"])]
+        t = ttest_rel(seeds_a, seeds_b)
+        rows.append([str(n), f"{a.mean():.3f}", f"{b.mean():.3f}", f"{a.mean() - b.mean():+.3f}", str(len(a)),
+                     f"{w.pvalue:.2g}", f"{t.pvalue:.2g}"])
+    return rows
+
+
+def curves(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Epochs and the seed-mean of a log column, over the epochs every seed reached."""
+    length = min(len(r["log"]) for r in runs)
+    values = np.array([[float(row[key]) for row in r["log"][:length]] for r in runs])
+    return np.arange(length), values.mean(axis=0)
+
+
+def figures(cells: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, n in zip(axes, (50, 100, 150)):
+        for arch, colour in (("kan", "C0"), ("plain", "C1"), ("basicunet", "C2")):
+            runs = cells.get(f"{arch}_n{n}")
+            if runs:
+                x, y = curves(runs, "val_dice_mean")
+                ax.plot(x, y, colour, label=arch)
+        ax.set_title(f"n = {n}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation mean Dice (WT/TC/ET)")
+    axes[0].legend()
+    fig.suptitle("Fig. 4: validation mean Dice per epoch (mean of 3 seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "fig4_mean_dice_per_epoch.png", dpi=90)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, region in zip(axes, REGIONS):
+        for n, colour in ((50, "C0"), (100, "C1"), (150, "C2")):
+            runs = cells.get(f"kan_n{n}")
+            if runs:
+                x, y = curves(runs, f"val_dice_{region}")
+                ax.plot(x, y, colour, label=f"KAN n={n}")
+        ax.set_title(region)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation Dice")
+    axes[0].legend()
+    fig.suptitle("Fig. 5: KANU-Net validation Dice per region (mean of 3 seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "fig5_dice_per_region.png", dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    markers = {"kan": "o", "plain": "s", "basicunet": "^"}
+    for name, runs in sorted(cells.items()):
+        arch = name.split("_")[0]
+        x = [r["validation"]["dice_mean"] for r in runs]
+        y = [r["test"]["slices"]["dice_mean"] for r in runs]
+        ax.scatter(x, y, marker=markers.get(arch, "x"), label=name, s=25)
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set_xlim(0.2, 0.7)
+    ax.set_ylim(0.2, 0.7)
+    ax.set_xlabel("validation mean Dice (HDF5 slices)")
+    ax.set_ylabel("test mean slice Dice (2 unseen 3D cases)")
+    ax.set_title("Fig. 6: validation against test, every run")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "fig6_validation_vs_test.png", dpi=90)
+    plt.close(fig)
+
+
+def write_report(runs_root: Path, figures_dir: Path, tables: Path | None) -> None:
+    cells = load_runs(runs_root)
+    header = ["cell", "n", "seeds", "epochs", "val mean", "test WT", "test TC", "test ET", "test mean (slices)",
+              "3D mean (2 cases)", "FP mL (tumour-free slices)"]
+    main = [cell_row(n, cells[n]) for n in sorted(cells)]
+    per_class = [class_row(n, cells[n]) for n in sorted(cells)]
+    text = "\n\n".join([
+        markdown(header, main),
+        markdown(["cell", "n", "NCR", "ED", "ET", "accuracy"], per_class),
+        markdown(["n", "KAN mean", "plain mean", "KAN - plain", "test slices", "Wilcoxon p (slices)", "paired t p (seeds)"],
+                 paired_tests(cells)),
+    ])
+    if tables is not None:
+        tables.write_text(text + "\n")
+    print(text)
+    if figures_dir is not None:
+        figures(cells, figures_dir)
+
+
+def overlay_figure(model_path: Path, case_dir: Path, out: Path) -> None:
+    """Fig. 3: ground truth, prediction and their difference on the slice of a test case
+    with the most tumour, with the exported model the library loads."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from KANTumorSegLib.inference import SlicePredictor, segment_volume
+    from KANTumorSegLib.weights import load_model
+
+    from .data import read_nifti_case
+
+    model, _, preprocessing = load_model(model_path)
+    volume, truth = read_nifti_case(case_dir)
+    z = int((truth > 0).sum(axis=(0, 1)).argmax())
+    pred = segment_volume(volume[..., z:z + 1], SlicePredictor(model, torch.device("cpu")), preprocessing)[..., 0]
+    gt = truth[..., z]
+    flair = volume[3, ..., z]
+    base = (flair - flair.min()) / max(float(np.ptp(flair)), 1e-6)
+    lut = {1: (1.0, 0.85, 0.2), 2: (0.2, 0.8, 0.2), 4: (0.9, 0.15, 0.15)}
+
+    def overlay(labels):
+        image = np.repeat(base[..., None], 3, axis=-1)
+        for label, colour in lut.items():
+            image[labels == label] = colour
+        return image
+
+    diff = np.repeat(base[..., None], 3, axis=-1) * 0.6
+    diff[(pred > 0) & (gt == 0)] = (1.0, 0.2, 0.2)   # false positive
+    diff[(pred == 0) & (gt > 0)] = (0.2, 0.4, 1.0)   # missed
+    diff[(pred > 0) & (gt > 0) & (pred != gt)] = (1.0, 0.9, 0.2)  # tumour, wrong class
+    fig, axes = plt.subplots(1, 3, figsize=(11, 4))
+    # Model-grid arrays are (X to the left, Y to posterior): transpose to show them radiologically.
+    for ax, image, title in zip(axes, (overlay(gt), overlay(pred), diff),
+                                ("ground truth", "prediction (shipped model)", "difference: red FP, blue FN, yellow class")):
+        ax.imshow(np.transpose(image, (1, 0, 2))[:, ::-1])
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"Fig. 3: {case_dir.name}, axial slice z={z} (NCR yellow, ED green, ET red)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
