@@ -2,10 +2,11 @@
 
 ``python -m KANTumorSegLib.phantom OUT_DIR`` writes ``phantom_{t1,t1ce,t2,flair}.nii.gz`` and
 the tumour it simulated as ``phantom_seg.nii.gz`` (labels 0/1/2/4), laid out like a BraTS
-case: skull-stripped, 1 mm, 240 x 240 x 155, LPS. The head is made of ellipsoids (white
-matter, cortex, ventricles) and the tumour of nested lobulated blobs: enhancing rim around a
-necrotic core inside oedema, each with the contrast it has in BraTS scans (ring enhancement
-on T1ce, bright oedema on FLAIR and T2). It shows the pipeline running where no real case is
+case: skull-stripped, 1 mm, 240 x 240 x 155, LPS. The brain is an ellipsoid with a folded
+cortex, sulcal CSF, ventricles, deep grey nuclei and an enhancing midline venous sinus; the
+tumour is nested lobulated blobs: an enhancing rim around a necrotic core inside oedema,
+each with the contrast it has in BraTS scans (ring enhancement on T1ce, bright oedema on
+FLAIR and T2). It shows the pipeline running where no real case is
 available; a model's output on it says nothing about the model's accuracy.
 """
 
@@ -29,11 +30,23 @@ INTENSITY: dict[str, tuple[float, float, float, float]] = {
     "edema": (330.0, 350.0, 220.0, 380.0),
     "enhancing": (380.0, 1000.0, 160.0, 300.0),
     "necrosis": (200.0, 220.0, 280.0, 180.0),
+    "vessel": (300.0, 900.0, 100.0, 120.0),
 }
 """Mean intensity of each tissue in T1, T1ce, T2 and FLAIR, on the scale of raw BraTS 2020 scans."""
 
-NOISE = 0.03
+NOISE = 0.02
 """Gaussian noise, as a fraction of each tissue's mean."""
+TEXTURE = 0.04
+"""Smooth intensity variation within a tissue, as a fraction of its mean."""
+
+
+def _smooth_field(shape: tuple[int, int, int], sigma_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian noise blurred by sigma_mm and scaled to unit standard deviation."""
+    import SimpleITK as sitk
+
+    noise = sitk.GetImageFromArray(rng.standard_normal(shape, dtype=np.float32))
+    field = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(noise, sigma_mm))
+    return field / max(float(field.std()), 1e-6)
 
 
 def _lobulated(distance: np.ndarray, angles: tuple[np.ndarray, np.ndarray], rng: np.random.Generator,
@@ -57,19 +70,29 @@ def make_phantom(shape: tuple[int, int, int] = SHAPE, seed: int = 0) -> tuple[np
     size = np.array(shape, dtype=float)
     x, y, z = np.meshgrid(*(np.arange(n, dtype=np.float32) - (n - 1) / 2 for n in shape), indexing="ij")
 
-    # Brain and cortex: an ellipsoid filling the field of view as a BraTS brain does.
+    # Brain: an ellipsoid filling the field of view as a BraTS brain does; depth below its
+    # surface in mm sets the layers. A smooth random field folds the cortex (gyri and sulci).
     radii = size * np.array([0.30, 0.36, 0.40])
     head_angles = (np.arctan2(y, x), np.arctan2(z, np.hypot(x, y)))
     brain_r = _lobulated(np.sqrt((x / radii[0]) ** 2 + (y / radii[1]) ** 2 + (z / radii[2]) ** 2), head_angles, rng, 0.25)
+    depth = (1.0 - brain_r) * float(radii.mean())
+    folds = _smooth_field(shape, 2.5, rng)
     # Tissue codes: 0 outside the brain, then the index of the tissue in INTENSITY plus one.
     code = {name: i + 1 for i, name in enumerate(INTENSITY)}
     tissue = np.zeros(shape, dtype=np.uint8)
-    tissue[brain_r < 1.0] = code["grey"]
-    tissue[brain_r < 0.82] = code["white"]
+    tissue[depth > 0] = code["white"]
+    tissue[(depth > 0) & (depth < 7.0 + 3.0 * folds)] = code["grey"]
+    tissue[(depth > 0) & ((depth < 1.0) | ((folds > 1.0) & (depth < 8.0)))] = code["csf"]
     for side in (-1, 1):
+        # Lateral ventricles, and the deep grey nuclei beside them.
         ventricle = ((x - side * 0.05 * size[0]) / (0.035 * size[0])) ** 2 + ((y + 0.02 * size[1]) / (0.13 * size[1])) ** 2 \
             + ((z - 0.05 * size[2]) / (0.10 * size[2])) ** 2
+        nucleus = ((x - side * 0.11 * size[0]) / (0.04 * size[0])) ** 2 + ((y - 0.01 * size[1]) / (0.06 * size[1])) ** 2 \
+            + ((z + 0.02 * size[2]) / (0.07 * size[2])) ** 2
+        tissue[nucleus < 1.0] = code["grey"]
         tissue[ventricle < 1.0] = code["csf"]
+    # Veins enhance on T1ce in every real scan: the superior sagittal sinus along the midline.
+    tissue[(np.abs(x) < 2.0) & (depth > 0) & (depth < 4.0) & (z > -0.1 * size[2])] = code["vessel"]
 
     # Tumour in one hemisphere: oedema around an enhancing rim around a necrotic core.
     centre = size * np.array([0.13, -0.08, 0.08])
@@ -92,7 +115,8 @@ def make_phantom(shape: tuple[int, int, int] = SHAPE, seed: int = 0) -> tuple[np
         means = np.array([0.0] + [values[c] for values in INTENSITY.values()], dtype=np.float32)[tissue]
         # Partial volume at tissue borders: blur by about one voxel.
         blurred = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(means), 1.0))
-        noisy = blurred * bias * (1.0 + NOISE * rng.standard_normal(shape, dtype=np.float32))
+        texture = 1.0 + TEXTURE * _smooth_field(shape, 1.5, rng)
+        noisy = blurred * bias * texture * (1.0 + NOISE * rng.standard_normal(shape, dtype=np.float32))
         volume[c] = np.where(brain, np.clip(noisy, 1.0, None), 0.0)
     return volume, labels
 
