@@ -39,11 +39,13 @@ def _run(func) -> int:
 
 def _train(args) -> None:
     from .config import load_config
-    from .train import train
 
     if args.config is not None and not args.config.exists():
         raise FileNotFoundError(f"Config file {args.config} does not exist.")
-    run_dir = train(load_config(args.config, args.override))
+    config = load_config(args.config, args.override)
+    from .train import train
+
+    run_dir = train(config)
     print(run_dir)
 
 

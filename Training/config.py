@@ -35,6 +35,7 @@ DEFAULTS: dict = {
         "eta_min": 1.0e-6,
         "t0_epochs": 10,
         "bce_weight": 0.2,
+        "dice_batch": False,
         "rot90_prob": 0.5,
         "shift_prob": 0.5,
         "shift_pixels": 20,

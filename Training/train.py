@@ -252,7 +252,10 @@ def train(config: dict) -> Path:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg["t0_epochs"], eta_min=cfg["eta_min"])
-    dice_loss = DiceLoss(sigmoid=True)
+    # batch=True pools each channel's Dice over the batch: per-slice Dice of a channel that is
+    # empty in a slice (tumour-free slices, slices without ET) is ~1 whatever the network does,
+    # which stalled the first shipped-model rounds at a training loss of about 0.55.
+    dice_loss = DiceLoss(sigmoid=True, batch=cfg["dice_batch"])
     bce_loss = torch.nn.BCEWithLogitsLoss()
     amp_dtype = torch.bfloat16 if cfg["amp"] and device.type == "cuda" else None
 

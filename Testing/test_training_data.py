@@ -1,0 +1,109 @@
+"""Training readers against the real shared files, the slice cache, and patient-disjoint splits."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from KANTumorSegLib.preprocessing import PreprocessingConfig
+from Training.data import (
+    CASE_FOLDERS,
+    HDF5_FOLDER,
+    SliceSet,
+    build_case_set,
+    find_case_files,
+    load_hdf5,
+    make_split,
+    pick_patients,
+    read_hdf5_slice,
+    read_nifti_case,
+)
+
+TEST_CASES = ("BraTS20_Training_001", "BraTS2021_00000")
+
+
+@pytest.fixture(scope="module")
+def hdf5_index(brats_samples: Path) -> list[dict]:
+    with open(brats_samples / HDF5_FOLDER / "index.csv", newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.fixture(scope="module")
+def hdf5_set(brats_samples: Path, tmp_path_factory) -> SliceSet:
+    return load_hdf5(brats_samples, tmp_path_factory.mktemp("cache"), PreprocessingConfig())
+
+
+def test_hdf5_reader_channel_order_and_labels(brats_samples: Path, hdf5_index: list[dict]):
+    import h5py
+
+    for row in hdf5_index[:5]:
+        path = brats_samples / HDF5_FOLDER / "Test_Samples" / row["file"]
+        image, labels = read_hdf5_slice(path)
+        with h5py.File(path, "r") as handle:
+            raw = np.asarray(handle["image"])
+        # The file holds [FLAIR, T1, T1ce, T2]; the model wants [T1, T1ce, T2, FLAIR].
+        for model_channel, file_channel in enumerate((1, 2, 3, 0)):
+            np.testing.assert_allclose(image[model_channel], raw[..., file_channel], rtol=1e-6)
+        # index.csv counts each class's pixels independently of this code.
+        assert (labels == 1).sum() == int(row["px_NCR_NET(label1)"])
+        assert (labels == 2).sum() == int(row["px_ED(label2)"])
+        assert (labels == 4).sum() == int(row["px_ET(label4)"])
+
+
+def test_nifti_reader_on_real_case(brats_samples: Path):
+    import nibabel as nib
+
+    folder = brats_samples / CASE_FOLDERS["Brats18_2013_2_1"]
+    volume, seg = read_nifti_case(folder)
+    assert volume.shape == (4, 240, 240, 155)
+    t1ce = np.asarray(nib.load(str(folder / "Brats18_2013_2_1_t1ce.nii.gz")).dataobj, dtype=np.float32)
+    np.testing.assert_array_equal(volume[1], t1ce)
+    assert set(np.unique(seg)) <= {0, 1, 2, 4}
+    assert int(seg.any(axis=(0, 1)).sum()) == 58   # the samples' README: 58 tumour slices
+
+
+def test_brats2023_names_are_found(brats_samples: Path, tmp_path: Path):
+    source = brats_samples / CASE_FOLDERS["BraTS20_Training_001"]
+    for old, new in (("t1", "t1n"), ("t1ce", "t1c"), ("t2", "t2w"), ("flair", "t2f"), ("seg", "seg")):
+        (tmp_path / f"case-{new}.nii.gz").symlink_to(source / f"BraTS20_Training_001_{old}.nii.gz")
+    files, is_2023 = find_case_files(tmp_path)
+    assert is_2023 and files["t1ce"].name == "case-t1c.nii.gz"
+    with pytest.raises(FileNotFoundError, match="no complete BraTS case"):
+        find_case_files(tmp_path / "..")
+
+
+def test_case_slices_cover_tumour_and_tumour_free_brain(brats_samples: Path, tmp_path: Path):
+    case = build_case_set(brats_samples / CASE_FOLDERS["Brats18_2013_2_1"], "Brats18_2013_2_1", PreprocessingConfig())
+    assert case.has_tumour.sum() == 58 and (~case.has_tumour).sum() > 0
+    assert case.inputs.shape[1:] == (4, 224, 224) and case.inputs.dtype == np.float16
+    case.subset([0, 5]).save(tmp_path / "c.npz")
+    back = SliceSet.load(tmp_path / "c.npz")
+    np.testing.assert_array_equal(back.inputs, case.inputs[[0, 5]])
+    assert list(back.patients) == ["Brats18_2013_2_1"] * 2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_split_has_no_patient_on_two_sides(hdf5_set: SliceSet, seed: int):
+    extra = SliceSet(np.zeros((58, 1, 1, 1), np.float16), np.ones((58, 1, 1), np.uint8),
+                     np.array(["Brats18_2013_2_1"] * 58), np.array(["nifti"] * 58), np.arange(58))
+    for n in (50, 100, 150):
+        split = make_split(hdf5_set, extra, n, 50, seed)
+        val = {k[1] for k in split["val"]}
+        train = {k[1] for k in split["train"]}
+        assert not val & train
+        assert split["n_val"] == 50 and split["n_train"] == n
+        assert not (val | train) & set(TEST_CASES)
+        assert len({tuple(k) for k in split["train"]}) == n   # no slice twice
+    # Nested: a seed's n=50 set is inside its n=100 set, so the curves differ only by n.
+    small = {tuple(k) for k in make_split(hdf5_set, extra, 50, 50, seed)["train"]}
+    large = {tuple(k) for k in make_split(hdf5_set, extra, 100, 50, seed)["train"]}
+    assert small <= large
+
+
+def test_pick_patients_keeps_patients_whole(hdf5_set: SliceSet):
+    chosen = pick_patients(hdf5_set.patients, 50, random.Random(1))
+    assert int(np.isin(hdf5_set.patients, sorted(chosen)).sum()) == 50

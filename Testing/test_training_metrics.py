@@ -1,0 +1,58 @@
+"""Training metrics against cases computed by hand, empty masks (the BraTS rule) included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from Training.metrics import case_metrics, dice, mean_metrics
+
+
+def test_dice_by_hand():
+    pred = np.array([1, 1, 1, 0, 0], dtype=bool)
+    truth = np.array([0, 1, 1, 1, 0], dtype=bool)
+    assert dice(pred, truth) == pytest.approx(2 * 2 / (3 + 3))
+
+
+def test_dice_empty_masks_follow_brats_rule():
+    empty = np.zeros((4, 4), dtype=bool)
+    one = empty.copy()
+    one[1, 1] = True
+    assert dice(empty, empty) == 1.0
+    assert dice(one, empty) == 0.0
+    assert dice(empty, one) == 0.0
+
+
+def test_case_metrics_regions_and_classes_by_hand():
+    # Ground truth: 2 NCR, 3 ED, 1 ET pixels; prediction: NCR right, one ED called ET, ET missed.
+    truth = np.array([[1, 1, 2, 2], [2, 4, 0, 0]], dtype=np.uint8)
+    pred = np.array([[1, 1, 2, 2], [4, 0, 0, 0]], dtype=np.uint8)
+    m = case_metrics(pred, truth)
+    # WT: truth 6 pixels, pred 5, overlap 5.
+    assert m["dice_WT"] == pytest.approx(10 / 11)
+    # TC = {1, 4}: truth {(0,0),(0,1),(1,1)}, pred {(0,0),(0,1),(1,0)}, overlap 2.
+    assert m["dice_TC"] == pytest.approx(4 / 6)
+    # ET: truth {(1,1)}, pred {(1,0)}: no overlap.
+    assert m["dice_ET"] == 0.0
+    assert m["dice_mean"] == pytest.approx((10 / 11 + 4 / 6 + 0) / 3)
+    assert m["dice_NCR"] == 1.0
+    assert m["dice_ED"] == pytest.approx(2 * 2 / (2 + 3))
+    assert m["dice_ET_class"] == 0.0
+    assert m["accuracy"] == pytest.approx(6 / 8)
+
+
+def test_tumour_free_slice_predicted_empty_scores_one_everywhere():
+    empty = np.zeros((8, 8), dtype=np.uint8)
+    m = case_metrics(empty, empty)
+    assert all(m[k] == 1.0 for k in ("dice_WT", "dice_TC", "dice_ET", "dice_NCR", "dice_ED", "dice_ET_class", "accuracy"))
+
+
+def test_mean_metrics_average_over_slices():
+    truth = np.zeros((2, 4, 4), dtype=np.uint8)
+    truth[0, 0, 0] = 2
+    pred = np.zeros_like(truth)
+    pred[0, 0, 0] = 2          # slice 0: perfect; slice 1: both empty -> 1
+    pred[1, 3, 3] = 2          # ... unless the model invents tumour there: WT 0 on slice 1
+    m = mean_metrics(pred, truth)
+    assert m["dice_WT"] == pytest.approx(0.5)
+    assert m["dice_ET"] == 1.0
