@@ -413,6 +413,22 @@ def small_gpu(model: KANUNet2D, inputs: np.ndarray, device: torch.device, gib: f
     return rows
 
 
+def cold_command(weights: Path, case_dir: Path, device: str, batch: int, out_dir: Path) -> dict:
+    """``python -m KANTumorSegLib segment`` in a fresh process, as a user runs it: Python, torch
+    and CUDA start-up included. Wall time and that process's own peak RSS (os.wait4)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "KANTumorSegLib", "segment", str(case_dir), "-o", str(out_dir), "--model", str(weights),
+               "--device", device, "--progress", "none", "--overwrite", "--batch-size", str(batch)]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    stderr = process.stderr.read().decode()[-300:] if process.stderr else ""
+    return {"weights": weights.name, "seconds": seconds, "peak_rss_gib": usage.ru_maxrss / 2**20,
+            "exit": os.waitstatus_to_exitcode(status), "stderr": stderr}
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -502,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     seg = next((r for r in report["rows"] if r["model"].startswith("SegResNet")), None)
     peer_s = min(seg.get("model_s", np.inf), seg.get("model_s bf16", np.inf)) if seg else float("nan")
     kan = [m for m in models.values() if isinstance(m, KANUNet2D) and m.config.conv == "kan"]
+    report["cold"] = [cold_command(save_weights(m, work), case_files(args.case)["t1ce"].parent, args.device, args.batch,
+                                   work / f"cold_w{m.config.base_width}") for m in kan]
+    for row in report["cold"]:
+        print(json.dumps(row), flush=True)
     if args.small_gpu and device.type == "cuda":
         widest = max(kan, key=lambda m: m.config.base_width)
         report["small_gpu"] = small_gpu(widest, inputs, device, args.small_gpu)
@@ -531,6 +551,10 @@ def main(argv: list[str] | None = None) -> int:
               + (f" (first version {row['before_model_s']:.2f})" if "before_model_s" in row else "")
               + f" | {row.get('slices_per_s', float('nan')):.1f} | {row['model_peak_gib']:.2f} | {row['command_s']:.2f} "
               f"| {row['command_peak_gib']:.2f} | {row['command_s'] / peer_s:.2f} | {row['model_tflops']:.2f} |")
+    print("\n| cold command (fresh process) | seconds | peak RSS GiB | exit |")
+    print("|---|---|---|---|")
+    for row in report["cold"]:
+        print(f"| {row['weights']} | {row['seconds']:.2f} | {row['peak_rss_gib']:.2f} | {row['exit']} |")
     print("\n| width | case | precision | WT Dice | TC Dice | ET Dice | voxels differing | pass (>= 0.99) |")
     print("|---|---|---|---|---|---|---|---|")
     ok = True
