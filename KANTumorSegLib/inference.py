@@ -162,14 +162,15 @@ def brain_window(inputs: np.ndarray) -> tuple[int, int]:
 
 
 def segment_volume(volume: np.ndarray, predictor: SlicePredictor, config: PreprocessingConfig,
-                   progress: Callable[[str, int, int], None] = no_progress) -> np.ndarray:
+                   progress: Callable[[str, int, int], None] = no_progress, windows: bool = False) -> np.ndarray:
     """(4, X, Y, Z) model-grid volume -> (X, Y, Z) internal labelmap (0/1/2/4).
 
     Slices without brain are skipped and stay 0; predictions are pasted back into their
-    crop windows, zero outside. The network is fully convolutional, so each batch of
-    consecutive slices runs on the centre of its crops that holds their brain (a window
-    of about 150 x 180 instead of 224 x 224: half the work); outside it the crop is
-    background and its prediction stays 0.
+    crop windows, zero outside. With ``windows`` each batch of consecutive slices runs on the
+    centre of its crops that holds their brain (``brain_window``: about 60% of the work). It
+    is off by default: the convolutions' zero padding then sits nearer the brain, and on a
+    calibrated random network that changed half the labels (docs/PERFORMANCE.md); turn it on
+    only once the benchmark's accuracy check passes with it for the shipped model.
     """
     shape_xy = volume.shape[1:3]
     depth = volume.shape[3]
@@ -187,7 +188,7 @@ def segment_volume(volume: np.ndarray, predictor: SlicePredictor, config: Prepro
     done = 0
     while done < total:
         group = np.stack(inputs[done:done + predictor.batch_size])
-        height, width = brain_window(group)
+        height, width = brain_window(group) if windows else (size, size)
         x0, y0 = (size - height) // 2, (size - width) // 2
         window = np.ascontiguousarray(group[:, :, x0:x0 + height, y0:y0 + width])
         predicted = predictor.predict(window, lambda n, first=done: progress("segment", first + n, total))

@@ -355,14 +355,15 @@ def accuracy(model: KANUNet2D, device: torch.device, cases: list[str]) -> list[d
         volume, _ = read_volume(name)
         brain = (volume > volume.reshape(4, -1).min(axis=1)[:, None, None, None]).any(axis=0)
         expected = reference_labels(model, volume, device)
-        for half in (True, False):
+        for half, windows in ((True, False), (False, False), (True, True)):
             predictor = SlicePredictor(model, device, half=half)
             if not half and predictor.dtype == SlicePredictor(model, device).dtype:
                 continue
-            got = segment_volume(volume, predictor, PreprocessingConfig())
+            got = segment_volume(volume, predictor, PreprocessingConfig(), windows=windows)
             dtype = str(predictor.dtype).replace("torch.", "")
             if device.type == "cuda" and predictor.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
                 dtype += " (cuDNN TF32)"
+            dtype += ", brain windows" if windows else ""
             row = {"case": name, "dtype": dtype, "voxels_differing": int((expected != got).sum())}
             for region, values in REGIONS.items():
                 row[region] = dice(np.isin(expected, values) & brain, np.isin(got, values) & brain)
@@ -488,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["slices_per_s"] = n_slices / row["model_s"]
             row["model_tflops"] = row["flops_case"] / row["model_s"] / 1e12
 
+            if isinstance(model, KANUNet2D):
+                for windows in (False, True):
+                    key = "segment_windows_s" if windows else "segment_s"
+                    row[key], _ = timed(lambda m=model, w=windows: segment_volume(volume, SlicePredictor(m, device, args.batch),
+                                                                                  PreprocessingConfig(), windows=w), device, args.repeats)
             if isinstance(model, KANUNet2D) and model.config.conv == "kan" and model.config.base_width in args.before:
                 run, _ = model_alone_2d(model, inputs, device, args.batch, before=True)
                 row["before_model_s"], row["before_model_peak_gib"] = timed(run, device, args.repeats)
@@ -549,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row['model']} | {row['params_M']:.2f} | {row['model_dtype']} | {row['model_s']:.2f}"
               + (f" (bf16 {row['model_s bf16']:.2f})" if "model_s bf16" in row else "")
               + (f" (first version {row['before_model_s']:.2f})" if "before_model_s" in row else "")
+              + (f"; segment_volume {row['segment_s']:.2f}, with brain windows {row['segment_windows_s']:.2f}"
+                 if "segment_s" in row else "")
               + f" | {row.get('slices_per_s', float('nan')):.1f} | {row['model_peak_gib']:.2f} | {row['command_s']:.2f} "
               f"| {row['command_peak_gib']:.2f} | {row['command_s'] / peer_s:.2f} | {row['model_tflops']:.2f} |")
     print("\n| cold command (fresh process) | seconds | peak RSS GiB | exit |")
