@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "Training" / "configs" / "default.yaml"
 
 
 def run(*args, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -31,7 +32,7 @@ def tiny_overrides(samples: Path, tmp: Path, epochs: int) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_run(brats_samples: Path, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("train")
-    done = run(BIN / "kantumorseg-train", "--config", "Training/configs/default.yaml", *tiny_overrides(brats_samples, tmp, 2))
+    done = run(BIN / "kantumorseg-train", "--config", DEFAULT_CONFIG, *tiny_overrides(brats_samples, tmp, 2))
     assert done.returncode == 0, done.stderr
     return tmp
 
@@ -46,7 +47,7 @@ def test_tiny_run_loss_goes_down_and_resumes(brats_samples: Path, tiny_run: Path
     for name in ("config.yaml", "split.json", "log.csv", "best.pt", "last.pt", "results.json"):
         assert (run_dir / name).exists(), name
     # Resume: ask for one more epoch; the run continues from last.pt instead of starting again.
-    done = run(BIN / "kantumorseg-train", "--config", "Training/configs/default.yaml", *tiny_overrides(brats_samples, tiny_run, 3))
+    done = run(BIN / "kantumorseg-train", "--config", DEFAULT_CONFIG, *tiny_overrides(brats_samples, tiny_run, 3))
     assert done.returncode == 0, done.stderr
     log = read_log(run_dir)
     assert [int(row["epoch"]) for row in log] == [0, 1, 2]
