@@ -35,7 +35,7 @@ def run_grid(grid_file: Path, jobs: int, only: list[str], extra: list[str] = ())
     pending, active, failed = list(runs), [], []
     started = time.perf_counter()
     # One thread each: many processes share the cores, and torch's default of one thread
-    # per core in every process oversubscribes them (the smoke run was 30x slower so).
+    # per core in every process oversubscribes them.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     while pending or active:
         while pending and len(active) < jobs:

@@ -84,10 +84,10 @@ class Augmenter:
 
 class TensorAugmenter:
     """The same two augmentations as plain tensor operations on the device: k x 90-degree
-    rotation (k in 1..3) and an integer shift, each with its probability. The smoke run on
-    the H200 measured MONAI's per-sample RandAffined as the slowest part of a step (a grid
-    built and resampled per slice), so the experiment uses this equivalent form
-    (train.augment: tensor); train.augment: monai keeps the MONAI transforms."""
+    rotation (k in 1..3) and an integer shift, each with its probability. MONAI's form builds
+    and resamples an affine grid per slice, CPU work on every step of a launch-bound run; the
+    experiment used this form (train.augment: tensor) to cut it (not timed separately);
+    train.augment: monai keeps the MONAI transforms."""
 
     def __init__(self, cfg: dict, seed: int) -> None:
         import torch
