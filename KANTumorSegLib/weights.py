@@ -93,6 +93,12 @@ def load_model(weights: Path):
             f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
             f"wrong shape {', '.join(wrong[:3])}" if wrong else "") if part)
         raise KANTumorSegError(f"Model weights {weights} do not fit the architecture in their card ({detail}).")
+    import torch
+
+    # A diverged training run exports NaN weights with a valid card: the labelmap would be empty.
+    broken = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if broken:
+        raise KANTumorSegError(f"Model weights {weights} hold NaN or infinite values ({', '.join(broken[:3])}).")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     model.eval()
     return model, card, preprocessing

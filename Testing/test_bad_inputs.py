@@ -268,6 +268,17 @@ def corrupt_weights(s: Setup) -> list[str]:
     return s.args()
 
 
+def nan_weights(s: Setup) -> list[str]:
+    # What a diverged training run exports: a valid file and card, NaN inside.
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(s.model))
+    state["down1.1.0.conv.weight"] = state["down1.1.0.conv.weight"] * float("nan")
+    save_file(state, str(s.model))
+    s.reseal_card()
+    return s.args()
+
+
 def checksum_mismatch(s: Setup) -> list[str]:
     data = bytearray(s.model.read_bytes())
     data[-100] ^= 0xFF
@@ -351,6 +362,7 @@ TABLE = [
     Row(missing_card, 2, r"error: Model card \S+tiny\.json is missing"),
     Row(card_not_json, 2, r"error: Model card \S+tiny\.json is not valid JSON"),
     Row(corrupt_weights, 2, r"error: Model weights \S+tiny\.safetensors could not be read as safetensors"),
+    Row(nan_weights, 2, r"error: Model weights \S+tiny\.safetensors hold NaN or infinite values \(down1\.1\.0\.conv\.weight\)"),
     Row(checksum_mismatch, 2, r"error: Model weights \S+tiny\.safetensors do not match their card's checksum"),
     Row(config_mismatch, 2, r"error: Model weights \S+tiny\.safetensors do not fit the architecture in their card \(wrong shape"),
     Row(config_invalid, 2, r"error: Model card \S+tiny\.json has an invalid config: head must be one of"),
