@@ -89,9 +89,14 @@ def peak_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+WARMUP = 1
+"""Untimed calls before each measurement (``--warmup``); 0 suits the CPU, whose runs take seconds."""
+
+
 def timed(fn, device: torch.device, repeats: int = 1) -> tuple[float, float]:
-    """(median seconds of ``repeats`` calls after one warm-up call, peak memory in GiB)."""
-    fn()
+    """(median seconds of ``repeats`` calls after WARMUP untimed calls, peak memory in GiB)."""
+    for _ in range(WARMUP):
+        fn()
     sync(device)
     reset_peak(device)
     times = []
@@ -441,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="slices per forward pass")
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats per row (median)")
     parser.add_argument("--accuracy-cases", nargs="*", default=sorted(CASES), help="3D cases for the accuracy check")
+    parser.add_argument("--accuracy-widths", type=int, nargs="*", default=None, help="KANU-Net widths to check (default: all)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before each timing")
     parser.add_argument("--skip", nargs="*", default=[], help="rows to leave out (substring of the model name)")
     parser.add_argument("--before", type=int, nargs="*", default=[], help="widths to time the first version's model for")
     parser.add_argument("--work", type=Path, default=None, help="folder for weights and outputs (default: a new temp folder)")
@@ -449,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    global WARMUP
+    WARMUP = args.warmup
     if args.threads:
         torch.set_num_threads(args.threads)
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -535,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
     report["accuracy"] = []
     for m in kan:
+        if args.accuracy_widths is not None and m.config.base_width not in args.accuracy_widths:
+            continue
         try:
             report["accuracy"] += [dict(width=m.config.base_width, **row) for row in accuracy(m, device, args.accuracy_cases)]
         except Exception as error:  # noqa: BLE001 - keep the timing tables
