@@ -17,13 +17,28 @@ REGIONS = ("WT", "TC", "ET")
 
 
 def load_runs(root: Path) -> dict[str, list[dict]]:
-    """cell name -> its runs (results.json plus the log rows), seeds in order."""
-    cells: dict[str, list[dict]] = defaultdict(list)
+    """cell name -> its runs (results.json, config.yaml and the log rows), seeds in order.
+
+    A cell name found in two run folders (one config run again in a later round, e.g.
+    final_round1 and final_round2) is another experiment, not another seed: every cell of
+    such a folder is named ``<folder>/<cell>``.
+    """
+    import yaml
+
+    found = []
     for results_file in sorted(root.glob("*/*/results.json")):
         run = json.loads(results_file.read_text())
         with open(results_file.parent / "log.csv", newline="") as stream:
             run["log"] = list(csv.DictReader(stream))
-        cells[run["name"].rsplit("_s", 1)[0]].append(run)
+        run["config"] = yaml.safe_load((results_file.parent / "config.yaml").read_text())
+        found.append((results_file.parent.parent.name, run["name"].rsplit("_s", 1)[0], run))
+    folders_of = defaultdict(set)
+    for folder, cell, _ in found:
+        folders_of[cell].add(folder)
+    clashing = {folder for folder, cell, _ in found if len(folders_of[cell]) > 1}
+    cells: dict[str, list[dict]] = defaultdict(list)
+    for folder, cell, run in found:
+        cells[f"{folder}/{cell}" if folder in clashing else cell].append(run)
     return dict(cells)
 
 
@@ -138,9 +153,41 @@ def figures(cells: dict, out: Path) -> None:
     ax.set_xlabel("validation mean Dice (HDF5 slices)")
     ax.set_ylabel("test mean slice Dice (2 unseen 3D cases)")
     ax.set_title("Fig. 6: validation against test, every run")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "fig6_validation_vs_test.png", dpi=90)
+    plt.close(fig)
+
+    final_rounds_figure({name: runs for name, runs in cells.items() if name.startswith("final_round")}, out)
+
+
+def final_rounds_figure(cells: dict, out: Path) -> None:
+    """Fig. 7: training loss and validation mean Dice per epoch of the shipped model's final
+    rounds: per-slice Dice loss (MONAI's default batch=False) against batch Dice."""
+    if not cells:
+        return
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name, runs in sorted(cells.items()):
+        train = runs[0]["config"]["train"]
+        label = (f"{name.split('/')[0]}, width {runs[0]['config']['model']['base_width']}, "
+                 f"{'batch' if train.get('dice_batch') else 'per-slice'} Dice, T_0 = {train['t0_epochs']}")
+        line = None
+        for ax, key in zip(axes, ("train_loss", "val_dice_mean")):
+            x, y = curves(runs, key)
+            line = ax.plot(x, y, lw=1, label=label, color=line[0].get_color() if line else None)
+        best = runs[0]["best_epoch"]
+        axes[1].plot(best, float(runs[0]["log"][best]["val_dice_mean"]), "o", color=line[0].get_color())
+    axes[0].set_ylabel("training loss (0.2 BCE + Dice loss)")
+    axes[1].set_ylabel("validation mean Dice (WT/TC/ET, 25 slices)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Fig. 7: shipped model's final rounds (dot: best checkpoint)")
+    fig.tight_layout()
+    fig.savefig(out / "fig7_final_rounds.png", dpi=90)
     plt.close(fig)
 
 
