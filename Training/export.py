@@ -48,7 +48,11 @@ def export_run(run_dir: Path, output: Path, name: str = "") -> dict:
             "validation_patients": sorted({k[1] for k in split.get("val", [])}),
         },
         "training_config": config,
-        "metrics": {"best_epoch": results.get("best_epoch"), "validation": results.get("validation"), "test": test},
+        "metrics": {"best_epoch": results.get("best_epoch"), "epochs_run": results.get("epochs_run"),
+                    "epochs_planned": results.get("epochs_planned"), "parameters": results.get("parameters"),
+                    # The test figures come from the float32 checkpoint on the training device (bf16
+                    # autocast on CUDA when train.amp), before any float16 export.
+                    "test_device": results.get("device"), "validation": results.get("validation"), "test": test},
     }
     n_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     card = save_model(model, output, fields, half=n_bytes > MAX_BYTES * 0.95)
