@@ -461,9 +461,11 @@ def test_segment_never_opens_a_network_connection(setup: Setup):
 
 # The limit is set inside the child once the heavy libraries are loaded: torch alone maps
 # about 1 GB of address space, so a limit set before it (preexec_fn) either breaks the import
-# or leaves room for the whole run, depending on the machine. With 48 MB above the loaded
-# state, the run fails in inference every time (checked 3 x 4 limits here). Below ~16 MB,
-# ITK's thread pool hangs in pthread_join when it cannot start a thread: the timeout catches that.
+# or leaves room for the whole run, depending on the machine. Thread stacks (8 MB each by
+# default) also count against RLIMIT_AS, and a thread that cannot start is fatal in native
+# code (glibc aborts, ITK's pool hangs in pthread_join): so the child's threads get 2 MB
+# stacks (RLIMIT_STACK), and 48 MB above the loaded state the limit falls on data, in
+# inference, every time (checked 3 x 4 limits here). The timeout catches a hang.
 MEMORY_LIMITED = """
 import resource, runpy, sys
 headroom = int(sys.argv.pop(1)) << 20
@@ -478,8 +480,13 @@ runpy.run_module("KANTumorSegLib", run_name="__main__")
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc/self/status and RLIMIT_AS (Linux)")
 def test_cpu_run_under_a_memory_limit_fails_with_a_sentence_not_a_kill(setup: Setup):
+    import resource
+
+    def small_thread_stacks() -> None:
+        resource.setrlimit(resource.RLIMIT_STACK, (2 << 20, 2 << 20))
+
     result = subprocess.run([sys.executable, "-c", MEMORY_LIMITED, "48", "segment", *setup.args()], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, preexec_fn=small_thread_stacks)
     assert_refused(result, 2, r"error: (out of memory|Not enough memory)")
     assert folder_state(setup.out) is None
 
