@@ -11,8 +11,8 @@ were interpolated (resampling loses detail that no pipeline can restore).
 
 Those thresholds are about a trained model, so they run with the shipped model
 (Resources/Models/kanunet2d_brats.safetensors) and skip while it is absent. Where the
-property is exact (orientation, intensity scale), a random-weights model checks it too:
-any change of the network's input would change its labels.
+property is exact (orientation, intensity scale), a random-weights model checks it as label
+identity: any change of the network's input would change its labels.
 """
 
 from __future__ import annotations
@@ -146,10 +146,12 @@ def test_intensity_scale_gives_the_same_labels_with_random_weights(random_compar
     assert wt_dice(labels, random_comparison.plain_array) >= 0.99
 
 
+# Orientation and intensity scale give the network the same input, so the random-weights
+# tests above check them exactly (and the trained model measured WT Dice 1.0 on both); the
+# trained model's run time (about 6 s per variant on 2 cores) goes to the grid changes.
 @pytest.mark.parametrize("make, threshold", [
-    (ras, 0.98), (permuted, 0.98), (scaled, 0.98), (flair_on_another_grid, 0.98),
-    (flair_resampled, 0.9), (in_plane(0.5), 0.9), (in_plane(2.0), 0.9),
-], ids=["ras", "permuted", "scaled", "flair_on_another_grid", "flair_resampled_1.2mm", "in_plane_0.5mm", "in_plane_2mm"])
+    (flair_on_another_grid, 0.98), (flair_resampled, 0.9), (in_plane(0.5), 0.9), (in_plane(2.0), 0.9),
+], ids=["flair_on_another_grid", "flair_resampled_1.2mm", "in_plane_0.5mm", "in_plane_2mm"])
 def test_trained_model_finds_the_same_tumour(trained_comparison: Comparison, make: Variant, threshold: float):
     assert region_mask(trained_comparison.plain_array, "WT").sum() > 1000, "the trained model should find the tumour"
     dice = wt_dice(trained_comparison.variant(make), trained_comparison.plain_array)
