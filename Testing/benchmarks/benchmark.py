@@ -352,7 +352,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def accuracy(model: KANUNet2D, device: torch.device, cases: list[str]) -> list[dict]:
+def accuracy(model: KANUNet2D, device: torch.device, cases: list[str], cpu_bf16: bool = False) -> list[dict]:
     """Dice per region between the reference and the command's path, in the library's precision
     and, where that is not float32, in float32 too (which isolates the windows and layout)."""
     rows = []
@@ -360,9 +360,12 @@ def accuracy(model: KANUNet2D, device: torch.device, cases: list[str]) -> list[d
         volume, _ = read_volume(name)
         brain = (volume > volume.reshape(4, -1).min(axis=1)[:, None, None, None]).any(axis=0)
         expected = reference_labels(model, volume, device)
-        for half, windows in ((True, False), (False, False), (True, True)):
-            predictor = SlicePredictor(model, device, half=half)
-            if not half and predictor.dtype == SlicePredictor(model, device).dtype:
+        variants = [(True, False), (False, False), (True, True)] + ([("cpu bf16", False)] if cpu_bf16 else [])
+        for half, windows in variants:
+            predictor = SlicePredictor(model, device, half=bool(half))
+            if half == "cpu bf16":
+                predictor.dtype = torch.bfloat16  # measured here, not enabled in the library
+            elif not half and predictor.dtype == SlicePredictor(model, device).dtype:
                 continue
             got = segment_volume(volume, predictor, PreprocessingConfig(), windows=windows)
             dtype = str(predictor.dtype).replace("torch.", "")
@@ -374,6 +377,7 @@ def accuracy(model: KANUNet2D, device: torch.device, cases: list[str]) -> list[d
                 row[region] = dice(np.isin(expected, values) & brain, np.isin(got, values) & brain)
                 row[f"{region}_voxels"] = int((np.isin(expected, values) & brain).sum())
             rows.append(row)
+            print(json.dumps(row), flush=True)
         model.cpu()
     return rows
 
@@ -460,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy-cases", nargs="*", default=sorted(CASES), help="3D cases for the accuracy check")
     parser.add_argument("--accuracy-widths", type=int, nargs="*", default=None, help="KANU-Net widths to check (default: all)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before each timing")
+    parser.add_argument("--accuracy-only", action="store_true", help="skip the timings")
+    parser.add_argument("--try-cpu-bf16", action="store_true", help="add a bf16 row to the CPU accuracy check")
     parser.add_argument("--skip", nargs="*", default=[], help="rows to leave out (substring of the model name)")
     parser.add_argument("--before", type=int, nargs="*", default=[], help="widths to time the first version's model for")
     parser.add_argument("--work", type=Path, default=None, help="folder for weights and outputs (default: a new temp folder)")
@@ -487,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     native_dtype = SlicePredictor(KANUNet2D(ModelConfig(base_width=2)), device).dtype
 
-    for label, model in models.items():
+    for label, model in ({} if args.accuracy_only else models).items():
         row: dict = {"model": label, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
         try:
             if label.startswith("SegResNet"):
@@ -545,8 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     seg = next((r for r in report["rows"] if r["model"].startswith("SegResNet")), None)
     peer_s = min(seg.get("model_s", np.inf), seg.get("model_s bf16", np.inf)) if seg else float("nan")
     kan = [m for m in models.values() if isinstance(m, KANUNet2D) and m.config.conv == "kan"]
-    report["cold"] = [cold_command(save_weights(m, work), case_files(args.case)["t1ce"].parent, args.device, args.batch,
-                                   work / f"cold_w{m.config.base_width}") for m in kan]
+    report["cold"] = [] if args.accuracy_only else [
+        cold_command(save_weights(m, work), case_files(args.case)["t1ce"].parent, args.device, args.batch,
+                     work / f"cold_w{m.config.base_width}") for m in kan]
     for row in report["cold"]:
         print(json.dumps(row), flush=True)
     if args.small_gpu and device.type == "cuda":
@@ -559,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.accuracy_widths is not None and m.config.base_width not in args.accuracy_widths:
             continue
         try:
-            report["accuracy"] += [dict(width=m.config.base_width, **row) for row in accuracy(m, device, args.accuracy_cases)]
+            checked = accuracy(m, device, args.accuracy_cases, args.try_cpu_bf16)
+            report["accuracy"] += [dict(width=m.config.base_width, **row) for row in checked]
         except Exception as error:  # noqa: BLE001 - keep the timing tables
             print(f"accuracy check of width {m.config.base_width} failed: {type(error).__name__}: {error}", flush=True)
             report["accuracy"].append({"width": m.config.base_width, "case": "-", "dtype": "-", "voxels_differing": -1,
