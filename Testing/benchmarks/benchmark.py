@@ -372,7 +372,8 @@ def accuracy(model: KANUNet2D, device: torch.device, cases: list[str], cpu_bf16:
             if device.type == "cuda" and predictor.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
                 dtype += " (cuDNN TF32)"
             dtype += ", brain windows" if windows else ""
-            row = {"case": name, "dtype": dtype, "voxels_differing": int((expected != got).sum())}
+            row = {"case": name, "dtype": dtype, "voxels_differing": int((expected != got).sum()),
+                   "command_path": not windows and half != "cpu bf16"}
             for region, values in REGIONS.items():
                 row[region] = dice(np.isin(expected, values) & brain, np.isin(got, values) & brain)
                 row[f"{region}_voxels"] = int((np.isin(expected, values) & brain).sum())
@@ -599,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for row in report["accuracy"]:
         passed = all(row[r] >= 0.99 for r in REGIONS)
-        ok &= passed
+        ok &= passed or not row.get("command_path", True)
         print(f"| {row['width']} | {row['case']} | {row['dtype']} | {row['WT']:.4f} | {row['TC']:.4f} | {row['ET']:.4f} "
               f"| {row['voxels_differing']} | {'yes' if passed else 'NO'} |")
     if args.json:
