@@ -139,39 +139,13 @@ class SlicePredictor:
         return out
 
 
-WINDOW_MULTIPLE = 16
-"""The network pools four times by 2, so window sides are multiples of 16."""
-WINDOW_MARGIN = 16
-"""Background kept on each side of the brain, so the window's edge stays off the tissue."""
-
-
-def brain_window(inputs: np.ndarray) -> tuple[int, int]:
-    """Sides (h, w) of the smallest window, centred like the crop, that holds the brain of
-    every (4, S, S) crop in ``inputs`` with WINDOW_MARGIN to spare: a multiple of 16, at most S.
-
-    Background is exactly -1 after scaling (and the crop's fill), so brain is anything above.
-    """
-    size = inputs.shape[-1]
-    brain = (inputs > -1.0).any(axis=(0, 1))
-    sides = []
-    for axis in (1, 0):
-        found = np.nonzero(brain.any(axis=axis))[0]
-        half = max(size // 2 - int(found[0]), int(found[-1]) + 1 - size // 2) if found.size else 0
-        side = -(-2 * (half + WINDOW_MARGIN) // WINDOW_MULTIPLE) * WINDOW_MULTIPLE
-        sides.append(min(size, max(WINDOW_MULTIPLE, side)))
-    return sides[0], sides[1]
-
-
 def segment_volume(volume: np.ndarray, predictor: SlicePredictor, config: PreprocessingConfig,
-                   progress: Callable[[str, int, int], None] = no_progress, windows: bool = False) -> np.ndarray:
+                   progress: Callable[[str, int, int], None] = no_progress) -> np.ndarray:
     """(4, X, Y, Z) model-grid volume -> (X, Y, Z) internal labelmap (0/1/2/4).
 
     Slices without brain are skipped and stay 0; predictions are pasted back into their
-    crop windows, zero outside. With ``windows`` each batch of consecutive slices runs on the
-    centre of its crops that holds their brain (``brain_window``: about 60% of the work). It
-    is off by default: the convolutions' zero padding then sits nearer the brain, which moved the
-    shipped model's Dice to 0.97-0.99 (docs/PERFORMANCE.md); turn it on only for a model that
-    passes the benchmark's accuracy check with it.
+    crop windows, zero outside. Inputs are stacked one batch at a time, so only a batch of
+    model inputs is held at once.
     """
     shape_xy = volume.shape[1:3]
     depth = volume.shape[3]
@@ -185,17 +159,11 @@ def segment_volume(volume: np.ndarray, predictor: SlicePredictor, config: Prepro
         progress("preprocess", z + 1, depth)
     labels = np.zeros(volume.shape[1:], dtype=np.uint8)
     total = len(inputs)
-    size = config.crop_size
     done = 0
     while done < total:
         group = np.stack(inputs[done:done + predictor.batch_size])
-        height, width = brain_window(group) if windows else (size, size)
-        x0, y0 = (size - height) // 2, (size - width) // 2
-        window = np.ascontiguousarray(group[:, :, x0:x0 + height, y0:y0 + width])
-        predicted = predictor.predict(window, lambda n, first=done: progress("segment", first + n, total))
-        crop_labels = np.zeros((size, size), dtype=np.uint8)
+        predicted = predictor.predict(group, lambda n, first=done: progress("segment", first + n, total))
         for (z, box), prediction in zip(boxes[done:done + len(group)], predicted):
-            crop_labels[x0:x0 + height, y0:y0 + width] = prediction
-            labels[..., z] = paste(crop_labels, box, shape_xy)
+            labels[..., z] = paste(prediction, box, shape_xy)
         done += len(group)
     return labels

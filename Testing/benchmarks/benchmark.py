@@ -354,26 +354,25 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def accuracy(model: KANUNet2D, device: torch.device, cases: list[str], cpu_bf16: bool = False) -> list[dict]:
     """Dice per region between the reference and the command's path, in the library's precision
-    and, where that is not float32, in float32 too (which isolates the windows and layout)."""
+    and, where that is not float32, in float32 too (which isolates the layout)."""
     rows = []
     for name in cases:
         volume, _ = read_volume(name)
         brain = (volume > volume.reshape(4, -1).min(axis=1)[:, None, None, None]).any(axis=0)
         expected = reference_labels(model, volume, device)
-        variants = [(True, False), (False, False), (True, True)] + ([("cpu bf16", False)] if cpu_bf16 else [])
-        for half, windows in variants:
+        variants = [True, False] + (["cpu bf16"] if cpu_bf16 else [])
+        for half in variants:
             predictor = SlicePredictor(model, device, half=bool(half))
             if half == "cpu bf16":
                 predictor.dtype = torch.bfloat16  # measured here, not enabled in the library
             elif not half and predictor.dtype == SlicePredictor(model, device).dtype:
                 continue
-            got = segment_volume(volume, predictor, PreprocessingConfig(), windows=windows)
+            got = segment_volume(volume, predictor, PreprocessingConfig())
             dtype = str(predictor.dtype).replace("torch.", "")
             if device.type == "cuda" and predictor.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
                 dtype += " (cuDNN TF32)"
-            dtype += ", brain windows" if windows else ""
             row = {"case": name, "dtype": dtype, "voxels_differing": int((expected != got).sum()),
-                   "command_path": not windows and half != "cpu bf16"}
+                   "command_path": half != "cpu bf16"}
             for region, values in REGIONS.items():
                 row[region] = dice(np.isin(expected, values) & brain, np.isin(got, values) & brain)
                 row[f"{region}_voxels"] = int((np.isin(expected, values) & brain).sum())
@@ -518,10 +517,8 @@ def main(argv: list[str] | None = None) -> int:
             row["model_tflops"] = row["flops_case"] / row["model_s"] / 1e12
 
             if isinstance(model, KANUNet2D):
-                for windows in (False, True):
-                    key = "segment_windows_s" if windows else "segment_s"
-                    row[key], _ = timed(lambda m=model, w=windows: segment_volume(volume, SlicePredictor(m, device, args.batch),
-                                                                                  PreprocessingConfig(), windows=w), device, args.repeats)
+                row["segment_s"], _ = timed(lambda m=model: segment_volume(volume, SlicePredictor(m, device, args.batch),
+                                                                           PreprocessingConfig()), device, args.repeats)
             if isinstance(model, KANUNet2D) and model.config.conv == "kan" and model.config.base_width in args.before:
                 run, _ = model_alone_2d(model, inputs, device, args.batch, before=True)
                 row["before_model_s"], row["before_model_peak_gib"] = timed(run, device, args.repeats)
@@ -587,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row['model']} | {row['params_M']:.2f} | {row['model_dtype']} | {row['model_s']:.2f}"
               + (f" (bf16 {row['model_s bf16']:.2f})" if "model_s bf16" in row else "")
               + (f" (first version {row['before_model_s']:.2f})" if "before_model_s" in row else "")
-              + (f"; segment_volume {row['segment_s']:.2f}, with brain windows {row['segment_windows_s']:.2f}"
+              + (f"; segment_volume {row['segment_s']:.2f}"
                  if "segment_s" in row else "")
               + f" | {row.get('slices_per_s', float('nan')):.1f} | {row['model_peak_gib']:.2f} | {row['command_s']:.2f} "
               f"| {row['command_peak_gib']:.2f} | {row['command_s'] / peer_s:.2f} | {row['model_tflops']:.2f} |")
