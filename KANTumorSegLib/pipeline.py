@@ -39,18 +39,18 @@ def segment_case(
     from .outputs import AtomicOutputs, output_names, write_labelmap, write_segmentation, write_volumes
     from .overview import write_overview
     from .volumes import labels_to_reference, load_case
-    from .weights import load_model, read_card, sha256_of
+    from .weights import load_model, read_card
 
     names = output_names(case)
     # Check the output folder, the model card and the images before importing torch (over a
     # second) and before the slow part, so that mistakes show at once.
     with AtomicOutputs(out_dir, names, overwrite) as outputs:
-        read_card(model_path)
+        card = read_card(model_path)
         progress("read", 0, 4)
         volume, grid = load_case(paths)
         progress("read", 4, 4)
         torch_device = choose_device(device)
-        model, card, preprocessing = load_model(model_path)
+        model, card, preprocessing = load_model(model_path, card)
         predictor = SlicePredictor(model, torch_device, batch_size)
         model_labels = segment_volume(volume, predictor, preprocessing, progress)
         reference_labels = labels_to_reference(model_labels, grid)
@@ -66,7 +66,7 @@ def segment_case(
             "case": case,
             "inputs": {m: str(p) for m, p in paths.items()},
             "reference": "t1ce",
-            "model": {"file": str(model_path), "sha256": sha256_of(model_path), "name": card.get("name", "")},
+            "model": {"file": str(model_path), "sha256": card["sha256"], "name": card.get("name", "")},
             "label_convention": labels,
             "kantumorseg_version": __version__,
         }

@@ -62,17 +62,18 @@ def read_card(weights: Path) -> dict:
     return card
 
 
-def load_model(weights: Path):
+def load_model(weights: Path, card: dict | None = None):
     """Build the network the card describes and fill it with the checked weights.
 
-    Returns (model in eval mode on the CPU, card, preprocessing config).
+    ``card``: the card ``read_card`` already returned for these weights (saves hashing the
+    file again). Returns (model in eval mode on the CPU, card, preprocessing config).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from .unet import KANUNet2D, ModelConfig
 
-    card = read_card(weights)
+    card = card if card is not None else read_card(weights)
     try:
         config = ModelConfig.from_dict(card["model"])
         preprocessing = PreprocessingConfig.from_dict(card["preprocessing"])
