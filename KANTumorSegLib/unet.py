@@ -15,8 +15,10 @@ from torch.nn import functional as F
 
 from .kan_layers import BASES, FastKANConv2d
 
-HEADS = ("classes", "regions")
-"""``classes``: background, NCR/NET, ED, ET (the study). ``regions``: WT, TC, ET (nested)."""
+HEAD_CHANNELS = {"classes": 4, "regions": 3}
+"""Output channels of each head. ``classes``: background, NCR/NET, ED, ET (the study).
+``regions``: WT, TC, ET (nested)."""
+HEADS = tuple(HEAD_CHANNELS)
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class ModelConfig:
 
     @property
     def out_channels(self) -> int:
-        return 4 if self.head == "classes" else 3
+        return HEAD_CHANNELS[self.head]
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from KANTumorSegLib.labels import CLASS_LABELS, REGIONS
+from KANTumorSegLib.labels import CLASS_LABELS, region_mask
 
 REGION_NAMES = ("WT", "TC", "ET")
 CLASS_NAMES = {1: "NCR", 2: "ED", 4: "ET"}
@@ -27,8 +27,7 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """Every metric of one labelmap (0/1/2/4) against its ground truth, any shape."""
     out = {"accuracy": float((pred == truth).mean())}
     for region in REGION_NAMES:
-        labels = REGIONS[region]
-        out[f"dice_{region}"] = dice(np.isin(pred, labels), np.isin(truth, labels))
+        out[f"dice_{region}"] = dice(region_mask(pred, region), region_mask(truth, region))
     out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGION_NAMES]))
     for label in CLASS_LABELS:
         name = "ET_class" if label == 4 else CLASS_NAMES[label]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from KANTumorSegLib.unet import HEAD_CHANNELS, KANUNet2D, ModelConfig
+
 ARCHS = ("kanunet", "basicunet")
 
 
@@ -19,7 +21,7 @@ class ControlConfig:
 
     @property
     def out_channels(self) -> int:
-        return 4 if self.head == "classes" else 3
+        return HEAD_CHANNELS[self.head]
 
 
 class BasicUNetControl(nn.Module):
@@ -38,8 +40,6 @@ class BasicUNetControl(nn.Module):
 
 def build_model(model_cfg: dict) -> nn.Module:
     """The network a run's ``model`` section describes."""
-    from KANTumorSegLib.unet import KANUNet2D, ModelConfig
-
     cfg = dict(model_cfg)
     arch = cfg.pop("arch", "kanunet")
     if arch == "basicunet":

@@ -135,7 +135,10 @@ def shift_2d(tensor, dx: int, dy: int, fill):
 
 
 def predict_labels(model, inputs: np.ndarray, device, batch: int, amp: bool) -> np.ndarray:
-    """(N, 4, S, S) inputs -> (N, S, S) labels 0/1/2/4 through the library's decoder."""
+    """(N, 4, S, S) inputs -> (N, S, S) labels 0/1/2/4 through the library's decoder.
+
+    Not the library's SlicePredictor: that converts the module to channels-last, which would
+    change the layout of the network being trained (and of its DDP buckets) between epochs."""
     import torch
 
     from KANTumorSegLib.unet import decode_logits
