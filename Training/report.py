@@ -99,6 +99,26 @@ def curves(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(length), values.mean(axis=0)
 
 
+def three_panels(plt, path: Path, title: str, ylabel: str, panels: list[tuple[str, list[tuple]]]) -> None:
+    """One row of panels sharing the y axis; each panel plots (label, colour, runs, log column)
+    seed-mean curves against the epoch, skipping cells that have no runs."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.8), sharey=True)
+    for ax, (panel_title, series) in zip(axes, panels):
+        for label, colour, runs, key in series:
+            if runs:
+                x, y = curves(runs, key)
+                ax.plot(x, y, colour, label=label)
+        ax.set_title(panel_title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def figures(cells: dict, out: Path) -> None:
     import matplotlib
 
@@ -106,39 +126,16 @@ def figures(cells: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    for ax, n in zip(axes, (50, 100, 150)):
-        for arch, colour in (("kan", "C0"), ("plain", "C1"), ("basicunet", "C2")):
-            runs = cells.get(f"{arch}_n{n}")
-            if runs:
-                x, y = curves(runs, "val_dice_mean")
-                ax.plot(x, y, colour, label=arch)
-        ax.set_title(f"n = {n}")
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation mean Dice (WT/TC/ET)")
-    axes[0].legend()
-    fig.suptitle("Fig. 4: validation mean Dice per epoch (mean of 3 seeds)")
-    fig.tight_layout()
-    fig.savefig(out / "fig4_mean_dice_per_epoch.png", dpi=90)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    for ax, region in zip(axes, REGIONS):
-        for n, colour in ((50, "C0"), (100, "C1"), (150, "C2")):
-            runs = cells.get(f"kan_n{n}")
-            if runs:
-                x, y = curves(runs, f"val_dice_{region}")
-                ax.plot(x, y, colour, label=f"KAN n={n}")
-        ax.set_title(region)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation Dice")
-    axes[0].legend()
-    fig.suptitle("Fig. 5: KANU-Net validation Dice per region (mean of 3 seeds)")
-    fig.tight_layout()
-    fig.savefig(out / "fig5_dice_per_region.png", dpi=90)
-    plt.close(fig)
+    three_panels(plt, out / "fig4_mean_dice_per_epoch.png", "Fig. 4: validation mean Dice per epoch (mean of 3 seeds)",
+                 "validation mean Dice (WT/TC/ET)",
+                 [(f"n = {n}", [(arch, colour, cells.get(f"{arch}_n{n}"), "val_dice_mean")
+                                for arch, colour in (("kan", "C0"), ("plain", "C1"), ("basicunet", "C2"))])
+                  for n in (50, 100, 150)])
+    three_panels(plt, out / "fig5_dice_per_region.png", "Fig. 5: KANU-Net validation Dice per region (mean of 3 seeds)",
+                 "validation Dice",
+                 [(region, [(f"KAN n={n}", colour, cells.get(f"kan_n{n}"), f"val_dice_{region}")
+                            for n, colour in ((50, "C0"), (100, "C1"), (150, "C2"))])
+                  for region in REGIONS])
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
     markers = {"kan": "o", "plain": "s", "basicunet": "^"}
