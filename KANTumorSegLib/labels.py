@@ -78,11 +78,3 @@ def to_convention(labels: np.ndarray, convention: str) -> np.ndarray:
         out[labels == internal] = written
     return out
 
-
-def from_convention(labels: np.ndarray, convention: str) -> np.ndarray:
-    """Renumber a labelmap written in ``convention`` back to the internal numbering."""
-    mapping = LABEL_CONVENTIONS[convention]
-    out = np.zeros(labels.shape, dtype=np.uint8)
-    for internal, written in mapping.items():
-        out[labels == written] = internal
-    return out
