@@ -5,11 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Callable, Protocol
-
-
-class Progress(Protocol):
-    def __call__(self, stage: str, done: int, total: int) -> None: ...
+from typing import Callable
 
 
 def no_progress(stage: str, done: int, total: int) -> None:
