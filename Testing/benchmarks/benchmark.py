@@ -319,6 +319,47 @@ def peer_command(model: nn.Module, name: str, device: torch.device, dtype: torch
     write_overview(out_dir / names["overview"], volume, labels)
 
 
+def train_throughput(model: KANUNet2D, inputs: np.ndarray, device: torch.device, batch: int, steps: int) -> dict:
+    """Training steps per second at a fixed batch, Training's recipe: bf16 autocast on CUDA
+    (float32 on the CPU), 0.2 BCE + batch Dice loss on the head's targets, AdamW. A copy of the
+    model trains (the timing rows and the accuracy check keep their weights). The targets are
+    seeded random BraTS labels: a step's time does not depend on their values."""
+    import copy
+
+    from monai.losses import DiceLoss
+
+    from Training.train import targets
+
+    net = copy.deepcopy(model).to(device).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-6)
+    dice_loss, bce_loss = DiceLoss(sigmoid=True, batch=True), nn.BCEWithLogitsLoss()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.from_numpy(np.resize(inputs, (batch, *inputs.shape[1:]))).to(device)
+    labels = torch.from_numpy(np.random.default_rng(0).choice([0, 1, 2, 4], size=(batch, *inputs.shape[2:]))).to(device)
+    target = targets(labels, net.config.head)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            logits = net(x)
+        logits = logits.float()
+        loss = 0.2 * bce_loss(logits, target) + dice_loss(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    # Training sets cudnn.benchmark (every batch has one shape); the inference rows run without it.
+    benchmark_flag = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    try:
+        flops = flops_of(step)  # one counted step: forward and backward
+        seconds, peak = timed(lambda: [step() for _ in range(steps)], device)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_flag
+    return {"model": f"KANU-Net w{model.config.base_width}", "batch": batch, "steps": steps, "dtype": str(dtype)[6:],
+            "step_s": seconds / steps, "slices_per_s": batch * steps / seconds, "peak_gib": peak,
+            "flops_step": flops, "tflops": flops * steps / seconds / 1e12}
+
+
 def save_weights(model: KANUNet2D, folder: Path) -> Path:
     from KANTumorSegLib.weights import save_model
 
@@ -470,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", type=int, nargs="*", default=[], help="widths to time the first version's model for")
     parser.add_argument("--work", type=Path, default=None, help="folder for weights and outputs (default: a new temp folder)")
     parser.add_argument("--small-gpu", type=float, default=0, help="also run the predictor on a GPU cut down to this many GiB")
+    parser.add_argument("--train-batch", type=int, default=32, help="slices per training step")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="timed training steps per KANU-Net width (default: 20 on CUDA, 0 on the CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
     args = parser.parse_args(argv)
 
@@ -492,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="kts-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     native_dtype = SlicePredictor(KANUNet2D(ModelConfig(base_width=2)), device).dtype
+    trained = next((m for k, m in models.items() if k.endswith("(trained)")), None)
+
+    def weights_for(model: KANUNet2D) -> Path:
+        """The file the command loads: the trained model's own, or the random network saved."""
+        return args.model if model is trained else save_weights(model, work)
 
     for label, model in ({} if args.accuracy_only else models).items():
         row: dict = {"model": label, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -527,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(model, KANUNet2D):
                 from KANTumorSegLib.cli import main as kantumorseg
 
-                weights = save_weights(model, work)
+                weights = weights_for(model)
                 folder = case_files(args.case)["t1ce"].parent
                 command = ["segment", str(folder), "-o", str(out_dir), "--model", str(weights), "--device", args.device,
                            "--progress", "none", "--overwrite", "--batch-size", str(args.batch)]
@@ -550,9 +599,21 @@ def main(argv: list[str] | None = None) -> int:
     peer_s = min(seg.get("model_s", np.inf), seg.get("model_s bf16", np.inf)) if seg else float("nan")
     kan = [m for m in models.values() if isinstance(m, KANUNet2D) and m.config.conv == "kan"]
     report["cold"] = [] if args.accuracy_only else [
-        cold_command(save_weights(m, work), case_files(args.case)["t1ce"].parent, args.device, args.batch,
+        cold_command(weights_for(m), case_files(args.case)["t1ce"].parent, args.device, args.batch,
                      work / f"cold_w{m.config.base_width}") for m in kan]
     for row in report["cold"]:
+        print(json.dumps(row), flush=True)
+    train_steps = args.train_steps if args.train_steps is not None else (20 if device.type == "cuda" else 0)
+    report["training"] = []
+    for m in (kan if train_steps and not args.accuracy_only else []):
+        try:
+            row = train_throughput(m, inputs, device, args.train_batch, train_steps)
+            rate = report["ceilings"]["matmul_bf16_tflops" if row["dtype"] == "bfloat16" else "matmul_fp32_tflops"]
+            row["fraction_of_matmul_rate"] = row["tflops"] / rate
+        except Exception as error:  # noqa: BLE001 - keep the timing tables
+            row = {"model": f"KANU-Net w{m.config.base_width}", "error": f"{type(error).__name__}: {str(error)[:300]}"}
+        m.cpu()
+        report["training"].append(row)
         print(json.dumps(row), flush=True)
     if args.small_gpu and device.type == "cuda":
         widest = max(kan, key=lambda m: m.config.base_width)
@@ -592,6 +653,14 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for row in report["cold"]:
         print(f"| {row['weights']} | {row['seconds']:.2f} | {row['peak_rss_gib']:.2f} | {row['exit']} |")
+    if report["training"]:
+        print("\n| training (fwd + bwd + AdamW) | batch | precision | s/step | slices/s | peak GiB | TFLOP/s "
+              "| of the measured matrix rate |")
+        print("|---|---|---|---|---|---|---|---|")
+    for row in report["training"]:
+        print(f"| {row['model']} | failed: {row['error']} |" if "error" in row else
+              f"| {row['model']} | {row['batch']} | {row['dtype']} | {row['step_s']:.4f} | {row['slices_per_s']:.1f} "
+              f"| {row['peak_gib']:.2f} | {row['tflops']:.2f} | {row['fraction_of_matmul_rate']:.1%} |")
     print("\n| width | case | precision | WT Dice | TC Dice | ET Dice | voxels differing | pass (>= 0.99) |")
     print("|---|---|---|---|---|---|---|---|")
     ok = True
