@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = commands.add_parser("grid", help="run the experiment grid as parallel processes")
     grid.add_argument("--config", type=Path, required=True, help="grid YAML (base config, seeds, cells)")
     grid.add_argument("--jobs", type=int, default=4, help="runs at a time")
+    grid.add_argument("--gpus", type=int, default=0, help="spread the runs over this many GPUs (0: leave CUDA_VISIBLE_DEVICES alone)")
     grid.add_argument("--only", default="", help="comma-separated cell names to run (default: all)")
     grid.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="set for every run (repeatable)")
     report = commands.add_parser("report", help="tables and figures from finished runs")
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "grid":
         from .grid import run_grid
 
-        return _run(lambda: run_grid(args.config, args.jobs, [c for c in args.only.split(",") if c], args.override))
+        return _run(lambda: run_grid(args.config, args.jobs, [c for c in args.only.split(",") if c], args.override,
+                                      args.gpus))
     from .report import overlay_figure, write_report
 
     def report() -> None:

@@ -1,6 +1,7 @@
 """The experiment grid: every cell x seed as its own training process, several at a time.
 
-Each run is tiny (batch 2), far from filling an H200, so many run side by side on one GPU.
+Each run is tiny (batch 2), far from filling an H200, so several run side by side on each
+GPU; with ``gpus`` > 1 each new run goes to the GPU that has the fewest runs at the time.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def expand(grid: dict) -> list[tuple[str, list[str]]]:
     return runs
 
 
-def run_grid(grid_file: Path, jobs: int, only: list[str], extra: list[str] = ()) -> None:
+def run_grid(grid_file: Path, jobs: int, only: list[str], extra: list[str] = (), gpus: int = 0) -> None:
     grid = yaml.safe_load(Path(grid_file).read_text())
     runs = [r for r in expand(grid) if not only or r[0].rsplit("_s", 1)[0] in only]
     out = Path(grid["output"])
@@ -43,10 +44,13 @@ def run_grid(grid_file: Path, jobs: int, only: list[str], extra: list[str] = ())
             log = open(out / f"{name}.log", "w")
             command = [sys.executable, "-m", "Training", "train", "--config", grid["base"],
                        "--override", "train.progress=false", *sum((["--override", o] for o in [*overrides, *extra]), [])]
-            active.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            gpu = min(range(gpus), key=lambda g: sum(a[3] == g for a in active)) if gpus else None
+            run_env = env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": str(gpu)}
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=run_env)
+            active.append((name, process, log, gpu))
         time.sleep(1)
         for item in list(active):
-            name, process, log = item
+            name, process, log, _ = item
             if process.poll() is not None:
                 log.close()
                 active.remove(item)

@@ -19,6 +19,7 @@ import yaml
 from .data import SliceSet, load_case, load_hdf5, make_split, pick_patients, save_split, select
 from .metrics import METRIC_NAMES, mean_metrics
 from .models import build_model, count_parameters
+from .train_step import make_optimizer, make_train_step
 
 LABEL_INDEX = np.array([0, 1, 2, 0, 3], dtype=np.int64)
 """BraTS label 0/1/2/4 -> channel of the classes head (background, NCR, ED, ET)."""
@@ -63,6 +64,8 @@ class Augmenter:
     def __init__(self, cfg: dict, seed: int) -> None:
         from monai.transforms import Compose, RandAffined, RandRotate90d
 
+        if cfg["flip_prob"] or cfg["gamma_prob"]:
+            raise ValueError("train.flip_prob and train.gamma_prob need train.augment: tensor.")
         shift = cfg["shift_pixels"]
         self.transform = Compose([
             RandRotate90d(keys=("image", "label"), prob=cfg["rot90_prob"], max_k=3, spatial_axes=(0, 1)),
@@ -87,7 +90,13 @@ class TensorAugmenter:
     rotation (k in 1..3) and an integer shift, each with its probability. MONAI's form builds
     and resamples an affine grid per slice, CPU work on every step of a launch-bound run; the
     experiment used this form (train.augment: tensor) to cut it (not timed separately);
-    train.augment: monai keeps the MONAI transforms."""
+    train.augment: monai keeps the MONAI transforms.
+
+    Two more, off in the study's recipe (probability 0) and tried for the shipped model:
+    a left-right flip (with the rotations, every symmetry of the square), and a random
+    contrast change per channel, u -> u**g on the [0, 1] intensity u with g drawn from
+    ``gamma_range``: a scanner or a BraTS release with another intensity profile changes
+    the contrast that the per-slice min-max leaves."""
 
     def __init__(self, cfg: dict, seed: int) -> None:
         import torch
@@ -112,6 +121,12 @@ class TensorAugmenter:
             if self._draw(self.cfg["shift_prob"]):
                 dx, dy = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=self.generator))
                 image, label = shift_2d(image, dx, dy, -1.0), shift_2d(label, dx, dy, 0)
+            if self._draw(self.cfg["flip_prob"]):
+                image, label = torch.flip(image, (-2,)), torch.flip(label, (-2,))
+            if self._draw(self.cfg["gamma_prob"]):
+                low, high = self.cfg["gamma_range"]
+                gamma = low + (high - low) * torch.rand(image.shape[0], 1, 1, generator=self.generator)
+                image = 2.0 * ((image + 1.0) / 2.0).clamp(min=0.0).pow(gamma.to(image.device, image.dtype)) - 1.0
             out_x.append(image)
             out_y.append(label)
         return torch.stack(out_x), torch.stack(out_y)
@@ -253,7 +268,8 @@ def train(config: dict) -> Path:
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    graphed = bool(cfg["cuda_graph"]) and device.type == "cuda" and world == 1
+    optimizer = make_optimizer(model.parameters(), cfg["lr"], cfg["weight_decay"], device, graphed)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg["t0_epochs"], eta_min=cfg["eta_min"])
     # batch=True pools each channel's Dice over the batch: per-slice Dice of a channel that is
     # empty in a slice (tumour-free slices, slices without ET) is ~1 whatever the network does,
@@ -261,6 +277,8 @@ def train(config: dict) -> Path:
     dice_loss = DiceLoss(sigmoid=True, batch=cfg["dice_batch"])
     bce_loss = torch.nn.BCEWithLogitsLoss()
     amp_dtype = torch.bfloat16 if cfg["amp"] and device.type == "cuda" else None
+    step = make_train_step(net, optimizer, lambda logits, target: cfg["bce_weight"] * bce_loss(logits, target)
+                           + dice_loss(logits, target), amp_dtype, graphed)
 
     state = {"best": -1.0, "best_epoch": -1}
     start_epoch = 0
@@ -294,16 +312,8 @@ def train(config: dict) -> Path:
         for start in range(0, len(order) - cfg["batch_size"] + 1, cfg["batch_size"]):
             index = order[start:start + cfg["batch_size"]].to(device)
             x, y = augment(x_all[index], y_all[index])
-            target = targets(y, head)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = net(x)
-            logits = logits.float()
-            loss = cfg["bce_weight"] * bce_loss(logits, target) + dice_loss(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-        lr = optimizer.param_groups[0]["lr"]
+            losses.append(step(x, targets(y, head)))
+        lr = float(optimizer.param_groups[0]["lr"])
         scheduler.step()
         train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         if world > 1:
@@ -323,7 +333,7 @@ def train(config: dict) -> Path:
         if float(stop) > 0:
             break
     if rank == 0:
-        finish(model, config, run_dir, val_set, device, split, state["best_epoch"], epochs_run)
+        finish(model, config, run_dir, val_set, device, split, state["best_epoch"], epochs_run, graphed)
     if world > 1:
         torch.distributed.destroy_process_group()
     return run_dir
@@ -352,7 +362,7 @@ def validate_and_save(model, optimizer, scheduler, val_set: SliceSet, device, cf
 
 
 def finish(model, config: dict, run_dir: Path, val_set: SliceSet, device, split: dict, best_epoch: int,
-           epochs_run: int) -> None:
+           epochs_run: int, graphed: bool) -> None:
     """Reload the best checkpoint, score it on validation and the test cases, write results.json."""
     import torch
 
@@ -368,6 +378,7 @@ def finish(model, config: dict, run_dir: Path, val_set: SliceSet, device, split:
         "n_val": split["n_val"],
         "validation": mean_metrics(predict_labels(model, val_set.inputs, device, cfg["eval_batch"], cfg["amp"]), val_set.labels),
         "device": str(device),
+        "cuda_graph": graphed,
     }
     if cfg["test"]:
         results["test"] = evaluate_test_cases(model, config, device)
