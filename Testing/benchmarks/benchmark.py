@@ -319,45 +319,50 @@ def peer_command(model: nn.Module, name: str, device: torch.device, dtype: torch
     write_overview(out_dir / names["overview"], volume, labels)
 
 
-def train_throughput(model: KANUNet2D, inputs: np.ndarray, device: torch.device, batch: int, steps: int) -> dict:
-    """Training steps per second at a fixed batch, Training's recipe: bf16 autocast on CUDA
-    (float32 on the CPU), 0.2 BCE + batch Dice loss on the head's targets, AdamW. A copy of the
-    model trains (the timing rows and the accuracy check keep their weights). The targets are
-    seeded random BraTS labels: a step's time does not depend on their values."""
+def train_throughput(model: KANUNet2D, inputs: np.ndarray, device: torch.device, batch: int, steps: int,
+                     graphed: bool = False) -> dict:
+    """Training steps per second at a fixed batch, through Training's own step (train_step.py):
+    bf16 autocast on CUDA (float32 on the CPU), BCE + batch Dice loss on the head's targets,
+    AdamW; with ``graphed`` the step captured once as a CUDA graph and replayed, as Training
+    runs on one GPU. A copy of the model trains (the timing rows and the accuracy check keep
+    their weights). The targets are seeded random BraTS labels: a step's time does not depend
+    on their values. FLOPs: one eager step counted (forward and backward)."""
     import copy
 
     from monai.losses import DiceLoss
 
+    from Training.config import DEFAULTS
     from Training.train import targets
+    from Training.train_step import make_optimizer, make_train_step
 
+    cfg = DEFAULTS["train"]
     net = copy.deepcopy(model).to(device).train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-6)
     dice_loss, bce_loss = DiceLoss(sigmoid=True, batch=True), nn.BCEWithLogitsLoss()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cfg["bce_weight"] * bce_loss(logits, target) + dice_loss(logits, target)
+
+    dtype = torch.bfloat16 if device.type == "cuda" else None
     x = torch.from_numpy(np.resize(inputs, (batch, *inputs.shape[1:]))).to(device)
     labels = torch.from_numpy(np.random.default_rng(0).choice([0, 1, 2, 4], size=(batch, *inputs.shape[2:]))).to(device)
     target = targets(labels, net.config.head)
-
-    def step() -> None:
-        with autocast(device, dtype):
-            logits = net(x)
-        logits = logits.float()
-        loss = 0.2 * bce_loss(logits, target) + dice_loss(logits, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
 
     # Training sets cudnn.benchmark (every batch has one shape); the inference rows run without it.
     benchmark_flag = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = device.type == "cuda"
     try:
-        flops = flops_of(step)  # one counted step: forward and backward
-        seconds, peak = timed(lambda: [step() for _ in range(steps)], device)
+        eager = make_train_step(net, make_optimizer(net.parameters(), cfg["lr"], cfg["weight_decay"], device, False),
+                                loss_fn, dtype, False)
+        flops = flops_of(lambda: eager(x, target))
+        step = eager if not graphed else make_train_step(
+            net, make_optimizer(net.parameters(), cfg["lr"], cfg["weight_decay"], device, True), loss_fn, dtype, True)
+        seconds, peak = timed(lambda: [step(x, target) for _ in range(steps)], device)
     finally:
         torch.backends.cudnn.benchmark = benchmark_flag
-    return {"model": f"KANU-Net w{model.config.base_width}", "batch": batch, "steps": steps, "dtype": str(dtype)[6:],
-            "step_s": seconds / steps, "slices_per_s": batch * steps / seconds, "peak_gib": peak,
-            "flops_step": flops, "tflops": flops * steps / seconds / 1e12}
+    return {"model": f"KANU-Net w{model.config.base_width}", "step": "CUDA graph" if graphed else "eager",
+            "batch": batch, "steps": steps, "dtype": str(dtype or torch.float32)[6:], "step_s": seconds / steps,
+            "slices_per_s": batch * steps / seconds, "peak_gib": peak, "flops_step": flops,
+            "tflops": flops * steps / seconds / 1e12}
 
 
 def save_weights(model: KANUNet2D, folder: Path) -> Path:
@@ -603,18 +608,6 @@ def main(argv: list[str] | None = None) -> int:
                      work / f"cold_w{m.config.base_width}") for m in kan]
     for row in report["cold"]:
         print(json.dumps(row), flush=True)
-    train_steps = args.train_steps if args.train_steps is not None else (20 if device.type == "cuda" else 0)
-    report["training"] = []
-    for m in (kan if train_steps and not args.accuracy_only else []):
-        try:
-            row = train_throughput(m, inputs, device, args.train_batch, train_steps)
-            rate = report["ceilings"]["matmul_bf16_tflops" if row["dtype"] == "bfloat16" else "matmul_fp32_tflops"]
-            row["fraction_of_matmul_rate"] = row["tflops"] / rate
-        except Exception as error:  # noqa: BLE001 - keep the timing tables
-            row = {"model": f"KANU-Net w{m.config.base_width}", "error": f"{type(error).__name__}: {str(error)[:300]}"}
-        m.cpu()
-        report["training"].append(row)
-        print(json.dumps(row), flush=True)
     if args.small_gpu and device.type == "cuda":
         widest = max(kan, key=lambda m: m.config.base_width)
         report["small_gpu"] = small_gpu(widest, inputs, device, args.small_gpu)
@@ -631,6 +624,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"accuracy check of width {m.config.base_width} failed: {type(error).__name__}: {error}", flush=True)
             report["accuracy"].append({"width": m.config.base_width, "case": "-", "dtype": "-", "voxels_differing": -1,
                                        **{r: float("nan") for r in REGIONS}})
+    if args.json:  # the numbers so far, in case the training rows below never return
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    # Training last: a failed CUDA-graph capture must not spoil the checks above.
+    train_steps = args.train_steps if args.train_steps is not None else (20 if device.type == "cuda" else 0)
+    report["training"] = []
+    for graphed in (False, True) if device.type == "cuda" else (False,):
+        for m in (kan if train_steps and not args.accuracy_only else []):
+            try:
+                row = train_throughput(m, inputs, device, args.train_batch, train_steps, graphed)
+                rate = report["ceilings"]["matmul_bf16_tflops" if row["dtype"] == "bfloat16" else "matmul_fp32_tflops"]
+                row["fraction_of_matmul_rate"] = row["tflops"] / rate
+            except Exception as error:  # noqa: BLE001 - keep the timing tables
+                row = {"model": f"KANU-Net w{m.config.base_width}", "step": "CUDA graph" if graphed else "eager",
+                       "error": f"{type(error).__name__}: {str(error)[:300]}"}
+            m.cpu()
+            report["training"].append(row)
+            print(json.dumps(row), flush=True)
     report["load_average_end"] = os.getloadavg()
 
     print(f"\n## {args.case}: {n_slices} brain slices, {report['device']}, {report['threads']} threads, "
@@ -654,12 +664,12 @@ def main(argv: list[str] | None = None) -> int:
     for row in report["cold"]:
         print(f"| {row['weights']} | {row['seconds']:.2f} | {row['peak_rss_gib']:.2f} | {row['exit']} |")
     if report["training"]:
-        print("\n| training (fwd + bwd + AdamW) | batch | precision | s/step | slices/s | peak GiB | TFLOP/s "
+        print("\n| training (fwd + bwd + AdamW) | step | batch | precision | s/step | slices/s | peak GiB | TFLOP/s "
               "| of the measured matrix rate |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
     for row in report["training"]:
-        print(f"| {row['model']} | failed: {row['error']} |" if "error" in row else
-              f"| {row['model']} | {row['batch']} | {row['dtype']} | {row['step_s']:.4f} | {row['slices_per_s']:.1f} "
+        print(f"| {row['model']} | {row['step']} | failed: {row['error']} |" if "error" in row else
+              f"| {row['model']} | {row['step']} | {row['batch']} | {row['dtype']} | {row['step_s']:.4f} | {row['slices_per_s']:.1f} "
               f"| {row['peak_gib']:.2f} | {row['tflops']:.2f} | {row['fraction_of_matmul_rate']:.1%} |")
     print("\n| width | case | precision | WT Dice | TC Dice | ET Dice | voxels differing | pass (>= 0.99) |")
     print("|---|---|---|---|---|---|---|---|")
