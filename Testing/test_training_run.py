@@ -78,5 +78,7 @@ def test_bad_config_is_one_clear_sentence(tmp_path: Path):
     assert "missing.yaml does not exist" in done.stderr and "Traceback" not in done.stderr
     done = run(BIN / "kantumorseg-train", "--override", "train.nonsense=1")
     assert done.returncode == 2 and "unknown key 'train.nonsense'" in done.stderr
+    done = run(BIN / "kantumorseg-train", "--override", "train.lr=fast")
+    assert done.returncode == 2 and "train.lr must be a number, not 'fast'" in done.stderr
     done = run(BIN / "kantumorseg-export", tmp_path, "-o", tmp_path / "x.safetensors")
     assert done.returncode == 2 and "config.yaml is missing" in done.stderr

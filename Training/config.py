@@ -83,6 +83,21 @@ def apply_override(config: dict, override: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw)
 
 
+def coerce_numbers(config: dict, defaults: dict = DEFAULTS, prefix: str = "") -> None:
+    """Read numbers that YAML left as text: PyYAML follows YAML 1.1, where ``1e-3`` (no dot)
+    is a string, not a float. A value that is not a number where the default is one is an
+    error naming its key."""
+    for key, default in defaults.items():
+        value = config.get(key)
+        if isinstance(default, dict) and isinstance(value, dict):
+            coerce_numbers(value, default, f"{prefix}{key}.")
+        elif isinstance(default, float) and isinstance(value, str):
+            try:
+                config[key] = float(value)
+            except ValueError:
+                raise ValueError(f"{prefix}{key} must be a number, not {value!r}") from None
+
+
 def load_config(path: Path | None, overrides: list[str] = ()) -> dict:
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
@@ -93,4 +108,5 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> dict:
         config = merge(config, loaded)
     for override in overrides:
         apply_override(config, override)
+    coerce_numbers(config)
     return config
