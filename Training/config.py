@@ -45,8 +45,6 @@ DEFAULTS: dict = {
         "augment": "tensor",
         "deadline_unix": 0,
         "amp": True,
-        # One GPU: capture the training step as a CUDA graph (Training/train_step.py).
-        "cuda_graph": True,
         "device": "auto",
         "eval_batch": 25,
         "resume": True,

@@ -19,7 +19,7 @@ import yaml
 from .data import SliceSet, load_case, load_hdf5, make_split, pick_patients, save_split, select
 from .metrics import METRIC_NAMES, mean_metrics
 from .models import build_model, count_parameters
-from .train_step import make_optimizer, make_train_step
+from .train_step import TrainStep
 
 LABEL_INDEX = np.array([0, 1, 2, 0, 3], dtype=np.int64)
 """BraTS label 0/1/2/4 -> channel of the classes head (background, NCR, ED, ET)."""
@@ -268,8 +268,7 @@ def train(config: dict) -> Path:
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    graphed = bool(cfg["cuda_graph"]) and device.type == "cuda" and world == 1
-    optimizer = make_optimizer(model.parameters(), cfg["lr"], cfg["weight_decay"], device, graphed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg["t0_epochs"], eta_min=cfg["eta_min"])
     # batch=True pools each channel's Dice over the batch: per-slice Dice of a channel that is
     # empty in a slice (tumour-free slices, slices without ET) is ~1 whatever the network does,
@@ -277,8 +276,8 @@ def train(config: dict) -> Path:
     dice_loss = DiceLoss(sigmoid=True, batch=cfg["dice_batch"])
     bce_loss = torch.nn.BCEWithLogitsLoss()
     amp_dtype = torch.bfloat16 if cfg["amp"] and device.type == "cuda" else None
-    step = make_train_step(net, optimizer, lambda logits, target: cfg["bce_weight"] * bce_loss(logits, target)
-                           + dice_loss(logits, target), amp_dtype, graphed)
+    step = TrainStep(net, optimizer, lambda logits, target: cfg["bce_weight"] * bce_loss(logits, target)
+                     + dice_loss(logits, target), amp_dtype)
 
     state = {"best": -1.0, "best_epoch": -1}
     start_epoch = 0
@@ -313,7 +312,7 @@ def train(config: dict) -> Path:
             index = order[start:start + cfg["batch_size"]].to(device)
             x, y = augment(x_all[index], y_all[index])
             losses.append(step(x, targets(y, head)))
-        lr = float(optimizer.param_groups[0]["lr"])
+        lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         if world > 1:
@@ -333,7 +332,7 @@ def train(config: dict) -> Path:
         if float(stop) > 0:
             break
     if rank == 0:
-        finish(model, config, run_dir, val_set, device, split, state["best_epoch"], epochs_run, graphed)
+        finish(model, config, run_dir, val_set, device, split, state["best_epoch"], epochs_run)
     if world > 1:
         torch.distributed.destroy_process_group()
     return run_dir
@@ -362,7 +361,7 @@ def validate_and_save(model, optimizer, scheduler, val_set: SliceSet, device, cf
 
 
 def finish(model, config: dict, run_dir: Path, val_set: SliceSet, device, split: dict, best_epoch: int,
-           epochs_run: int, graphed: bool) -> None:
+           epochs_run: int) -> None:
     """Reload the best checkpoint, score it on validation and the test cases, write results.json."""
     import torch
 
@@ -378,7 +377,6 @@ def finish(model, config: dict, run_dir: Path, val_set: SliceSet, device, split:
         "n_val": split["n_val"],
         "validation": mean_metrics(predict_labels(model, val_set.inputs, device, cfg["eval_batch"], cfg["amp"]), val_set.labels),
         "device": str(device),
-        "cuda_graph": graphed,
     }
     if cfg["test"]:
         results["test"] = evaluate_test_cases(model, config, device)
