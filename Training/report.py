@@ -28,6 +28,8 @@ def load_runs(root: Path) -> dict[str, list[dict]]:
     found = []
     for results_file in sorted(root.glob("*/*/results.json")):
         run = json.loads(results_file.read_text())
+        if "test" not in run:  # a timing run (train.test: false), not part of the tables
+            continue
         with open(results_file.parent / "log.csv", newline="") as stream:
             run["log"] = list(csv.DictReader(stream))
         run["config"] = yaml.safe_load((results_file.parent / "config.yaml").read_text())
@@ -188,6 +190,15 @@ def final_rounds_figure(cells: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def equal_epoch_rows(cells: dict) -> list[list[str]]:
+    """Best validation mean Dice within the first E epochs, E the fewest epochs any run of the
+    table reached: a shared deadline gives slower networks fewer epochs, and this compares
+    the cells at an equal count instead."""
+    epochs = min(len(r["log"]) for runs in cells.values() for r in runs)
+    return [[name, str(epochs), mean_sd([max(float(row["val_dice_mean"]) for row in r["log"][:epochs]) for r in runs])]
+            for name, runs in sorted(cells.items())]
+
+
 def write_report(runs_root: Path, figures_dir: Path, tables: Path | None) -> None:
     cells = load_runs(runs_root)
     header = ["cell", "n", "seeds", "epochs", "val mean", "test WT", "test TC", "test ET", "test mean (slices)",
@@ -199,6 +210,7 @@ def write_report(runs_root: Path, figures_dir: Path, tables: Path | None) -> Non
         markdown(["cell", "n", "NCR", "ED", "ET", "accuracy"], per_class),
         markdown(["n", "KAN mean", "plain mean", "KAN - plain", "test slices", "Wilcoxon p (slices)", "paired t p (seeds)"],
                  paired_tests(cells)),
+        markdown(["cell", "epochs", "best validation mean within them"], equal_epoch_rows(cells)),
     ])
     if tables is not None:
         tables.write_text(text + "\n")
