@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Callable
 
 import numpy as np
@@ -141,20 +142,41 @@ class SlicePredictor:
         return out
 
 
+GATHER_SLICES = 16
+"""Axial slices copied out of the volume at once (16 x 4 x 240 x 240 float32: 14 MiB)."""
+
+
+def _axial_slices(volume: np.ndarray) -> Iterator[np.ndarray]:
+    """The (4, X, Y) axial slices of a (4, X, Y, Z) volume in z order, as contiguous views
+    into one reused buffer (each is overwritten GATHER_SLICES slices later: do not keep it).
+
+    An axial slice of the C-ordered volume is a strided gather (one value every Z), slow to
+    preprocess in place; copying a block of slices, a modality at a time (the faster copy
+    order), costs less, and the buffer is freed once the last slice is read.
+    """
+    depth = volume.shape[3]
+    buffer = np.empty((GATHER_SLICES, *volume.shape[:3]), dtype=volume.dtype)
+    for z0 in range(0, depth, GATHER_SLICES):
+        block = buffer[:min(GATHER_SLICES, depth - z0)]
+        for c in range(volume.shape[0]):
+            block[:, c] = np.moveaxis(volume[c, ..., z0:z0 + len(block)], -1, 0)
+        yield from block
+
+
 def segment_volume(volume: np.ndarray, predictor: SlicePredictor, config: PreprocessingConfig,
                    progress: Callable[[str, int, int], None] = no_progress) -> np.ndarray:
     """(4, X, Y, Z) model-grid volume -> (X, Y, Z) internal labelmap (0/1/2/4).
 
     Slices without brain are skipped and stay 0; predictions are pasted back into their
-    crop windows, zero outside. Inputs are stacked one batch at a time, so only a batch of
-    model inputs is held at once.
+    crop windows, zero outside. The windows of all brain slices are held (0.8 MB each,
+    about 100 MB for a BraTS case) and stacked for the model one batch at a time.
     """
     shape_xy = volume.shape[1:3]
     depth = volume.shape[3]
     inputs: list[np.ndarray] = []
     boxes: list[tuple[int, CropBox]] = []
-    for z in range(depth):
-        prepared = preprocess_slice(volume[..., z], config)
+    for z, slice_ in enumerate(_axial_slices(volume)):
+        prepared = preprocess_slice(slice_, config)
         if prepared is not None:
             inputs.append(prepared[0])
             boxes.append((z, prepared[1]))

@@ -65,16 +65,23 @@ def scale_intensities(slice_: np.ndarray, config: PreprocessingConfig) -> np.nda
     Invariant under any positive affine intensity change of a modality. A constant
     modality (no brain in it) becomes -1.
     """
+    values = np.asarray(slice_, dtype=np.float32)
     out = np.empty(slice_.shape, dtype=np.float32)
     for c, gamma in enumerate(config.gamma):
-        channel = slice_[c].astype(np.float32)
-        low, high = float(channel.min()), float(channel.max())
-        if high > low:
-            unit = (channel - low) / (high - low)
-            out[c] = 2.0 * unit**gamma - 1.0
-        else:
-            out[c] = -1.0
+        out[c] = scale_channel(values[c], float(values[c].min()), float(values[c].max()), gamma)
     return out
+
+
+def scale_channel(values: np.ndarray, low: float, high: float, gamma: float) -> np.ndarray:
+    """float32 values of one modality -> 2 * ((values - low) / (high - low)) ** gamma - 1,
+    all -1 when high == low; low and high are the modality's range over its whole slice.
+
+    Element by element, so scaling part of a slice gives that part of the scaled slice
+    bit for bit, and values equal to ``low`` give exactly -1 (0 ** gamma is 0).
+    """
+    if high > low:
+        return 2.0 * ((values - low) / (high - low)) ** gamma - 1.0
+    return np.full(values.shape, -1.0, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -94,12 +101,16 @@ class CropBox:
         return source, target
 
 
+def brain_bounds(mask: np.ndarray) -> tuple[slice, slice]:
+    """The bounding box of a non-empty brain mask, as index ranges along X and Y."""
+    xs, ys = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    return slice(int(xs[0]), int(xs[-1]) + 1), slice(int(ys[0]), int(ys[-1]) + 1)
+
+
 def brain_crop_box(mask: np.ndarray, size: int) -> CropBox:
     """A size x size window centred on the bounding box of the brain mask."""
-    xs, ys = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-    cx = (xs[0] + xs[-1] + 1) // 2
-    cy = (ys[0] + ys[-1] + 1) // 2
-    return CropBox(int(cx - size // 2), int(cy - size // 2), size)
+    bx, by = brain_bounds(mask)
+    return CropBox((bx.start + bx.stop) // 2 - size // 2, (by.start + by.stop) // 2 - size // 2, size)
 
 
 def crop(image: np.ndarray, box: CropBox, fill: float) -> np.ndarray:
@@ -125,4 +136,15 @@ def preprocess_slice(slice_: np.ndarray, config: PreprocessingConfig) -> tuple[n
     if not mask.any():
         return None
     box = brain_crop_box(mask, config.crop_size)
-    return crop(scale_intensities(slice_, config), box, fill=-1.0), box
+    # Bit for bit crop(scale_intensities(slice_), box, fill=-1), at a third of the cost: the
+    # range is taken over the whole slice, but only the brain's bounding box inside the window
+    # is scaled (the power is most of the work). Outside it every modality is at its slice
+    # minimum, which scales to exactly -1, the fill (finite minima: volumes.py replaces
+    # non-finite voxels).
+    values = np.asarray(slice_, dtype=np.float32)
+    window = np.full((len(config.gamma), box.size, box.size), -1.0, dtype=np.float32)
+    bounds = tuple(slice(max(b.start, lo), min(b.stop, lo + box.size)) for b, lo in zip(brain_bounds(mask), (box.x0, box.y0)))
+    target = tuple(slice(b.start - lo, b.stop - lo) for b, lo in zip(bounds, (box.x0, box.y0)))
+    for c, gamma in enumerate(config.gamma):
+        window[(c, *target)] = scale_channel(values[(c, *bounds)], float(values[c].min()), float(values[c].max()), gamma)
+    return window, box

@@ -3,6 +3,8 @@
 - FastKANConv2d's channels-last expansion (used under inference mode) against the two-branch
   formula conv(SiLU(x), W_base) + conv(rbf(x), W_spline) and against its own training path.
 - segment_volume (batched, channels last) against the study's per-slice 224 x 224 crops, on a real case.
+- preprocess_slice (scales only the brain's box) and segment_volume (copies slices in blocks)
+  against the plain per-slice formula written here, bit for bit, on real slices.
 - SlicePredictor's out-of-memory halving, on a real CPU run under a real address-space cap
   (RLIMIT_AS in a subprocess): no mock. The GPU branch (batch from free memory, fallback to the
   CPU) needs a CUDA device; the benchmark exercises it on the H200 (docs/PERFORMANCE.md).
@@ -79,6 +81,77 @@ def test_segment_volume_keeps_the_full_crop_labels(small_case: Path, mixed_model
     brain = (volume > volume.reshape(4, -1).min(axis=1)[:, None, None, None]).any(axis=0)
     assert len(np.unique(full[brain])) >= 2, "the random model should predict several classes"
     assert (default == full).mean() >= 0.9999, "the default path must give the full-crop labels"
+
+
+def formula_input(slice_: np.ndarray, config: PreprocessingConfig) -> tuple[np.ndarray, int, int] | None:
+    """The study's preprocessing as first written: scale the whole (4, X, Y) slice, then cut the
+    window centred on the brain's bounding box (padding -1); None without brain."""
+    brain = (slice_ > slice_.reshape(4, -1).min(axis=1)[:, None, None]).any(axis=0)
+    if not brain.any():
+        return None
+    scaled = np.full(slice_.shape, -1.0, dtype=np.float32)
+    for c, gamma in enumerate(config.gamma):
+        channel = slice_[c].astype(np.float32)
+        low, high = float(channel.min()), float(channel.max())
+        if high > low:
+            scaled[c] = 2.0 * ((channel - low) / (high - low)) ** gamma - 1.0
+    xs, ys = np.nonzero(brain.any(axis=1))[0], np.nonzero(brain.any(axis=0))[0]
+    size = config.crop_size
+    x0, y0 = int(xs[0] + xs[-1] + 1) // 2 - size // 2, int(ys[0] + ys[-1] + 1) // 2 - size // 2
+    padded = np.pad(scaled, ((0, 0), (size, size), (size, size)), constant_values=-1.0)
+    return padded[:, x0 + size:x0 + 2 * size, y0 + size:y0 + 2 * size], x0, y0
+
+
+@pytest.fixture(scope="module")
+def volume_001(brats_case_001: Path) -> np.ndarray:
+    """BraTS20_Training_001 on the model grid, (4, X, Y, Z) as segment_volume receives it."""
+    from KANTumorSegLib.case_files import find_modalities
+    from KANTumorSegLib.volumes import load_case
+
+    return load_case(find_modalities(brats_case_001, {}))[0]
+
+
+@pytest.mark.parametrize("crop_size", [224, 96])  # 96: a window smaller than the brain
+def test_preprocess_slice_is_the_formula_bit_for_bit(volume_001: np.ndarray, crop_size: int) -> None:
+    """Every axial slice of BraTS20_Training_001, strided as segment_volume's callers pass them."""
+    config = PreprocessingConfig(crop_size=crop_size)
+    skipped = 0
+    for z in range(volume_001.shape[3]):
+        expected, got = formula_input(volume_001[..., z], config), preprocess_slice(volume_001[..., z], config)
+        if expected is None:
+            assert got is None, f"slice {z}"
+            skipped += 1
+            continue
+        assert (got[1].x0, got[1].y0, got[1].size) == (expected[1], expected[2], crop_size), f"slice {z}"
+        assert got[0].dtype == np.float32 and got[0].tobytes() == expected[0].tobytes(), f"slice {z}"
+    assert 0 < skipped < volume_001.shape[3], "the case has slices with and without brain"
+
+
+def test_segment_volume_is_the_formula_bit_for_bit(volume_001: np.ndarray, mixed_model: Path, monkeypatch) -> None:
+    """8 real slices through the tumour, copied 3 at a time (blocks of 3, 3 and 2: the
+    16-slice blocks of a real run, scaled down), 96 x 96 windows to keep the model's work
+    small: the per-slice formula's inputs, the same predictor batches, pasted by hand, give
+    segment_volume's labelmap exactly."""
+    from KANTumorSegLib import inference
+    from KANTumorSegLib.weights import load_model
+
+    model, _, card_config = load_model(mixed_model)
+    config = PreprocessingConfig(gamma=card_config.gamma, crop_size=96)
+    volume = volume_001[..., 70:78]
+    monkeypatch.setattr(inference, "GATHER_SLICES", 3)
+    got = segment_volume(volume, SlicePredictor(model, torch.device("cpu"), batch_size=4), config)
+
+    kept = [(z, prepared) for z in range(volume.shape[3]) if (prepared := formula_input(volume[..., z], config)) is not None]
+    predicted = SlicePredictor(model, torch.device("cpu"), batch_size=4).predict(np.stack([p[0] for _, p in kept]))
+    size, (nx, ny) = config.crop_size, volume.shape[1:3]
+    expected = np.zeros(volume.shape[1:], dtype=np.uint8)
+    for (z, (_, x0, y0)), labels in zip(kept, predicted):
+        padded = np.zeros((nx + 2 * size, ny + 2 * size), dtype=np.uint8)
+        padded[x0 + size:x0 + 2 * size, y0 + size:y0 + 2 * size] = labels
+        expected[..., z] = padded[size:size + nx, size:size + ny]
+    assert len(np.unique(expected)) >= 3, "the random model should predict several labels"
+    assert got.dtype == np.uint8 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)
 
 
 OOM_SCRIPT = textwrap.dedent("""
