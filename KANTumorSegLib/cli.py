@@ -77,7 +77,7 @@ def describe_failure(error: Exception, args: argparse.Namespace) -> tuple[str, i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .inference import DEVICES
+    from .inference import DEVICES, PRECISIONS
     from .labels import LABEL_CONVENTIONS
     from .weights import default_model_path
 
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--device", choices=DEVICES, default="auto", help="auto picks CUDA, then MPS, then the CPU")
     segment.add_argument("--labels", choices=sorted(LABEL_CONVENTIONS), default="brats2020",
                          help="brats2020: 0/1/2/4 (default); brats2023: 0/1/2/3")
+    segment.add_argument("--precision", choices=PRECISIONS, default="auto",
+                         help="auto: bfloat16 on a CPU with native bf16 for a model whose card records a passed bf16 "
+                              "accuracy check, float32 otherwise")
     segment.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (halved automatically on GPU out-of-memory)")
     segment.add_argument("--overwrite", action="store_true", help="replace existing outputs of this case")
     segment.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
@@ -125,15 +128,15 @@ def run_segment(args: argparse.Namespace) -> int:
     progress = make_progress(args.progress)
     try:
         result = segment_case(paths, args.output, case, args.model, args.device, args.labels,
-                              args.overwrite, args.batch_size, progress)
+                              args.overwrite, args.batch_size, progress, args.precision)
     finally:
         if isinstance(progress, BarProgress):
             progress.end_line()
     if args.progress == "jsonl":
-        print(json.dumps({"stage": "done", "case": case, "device": result.device,
+        print(json.dumps({"stage": "done", "case": case, "device": result.device, "precision": result.precision,
                           "files": {k: str(v) for k, v in result.files.items()}}), flush=True)
     else:
-        print(f"Segmented {case} on {result.device}. Volumes (mL):")
+        print(f"Segmented {case} on {result.device} ({result.precision}). Volumes (mL):")
         for row in result.volumes["regions"]:
             print(f"  {row['name']:<4} {row['volume_ml']:10.2f}  {row['description']}")
         print("Files:")

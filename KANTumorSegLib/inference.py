@@ -34,6 +34,36 @@ def choose_device(requested: str):
     return torch.device(requested)
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it and bf16 runs slower than float32."""
+    import torch
+
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def choose_precision(requested: str, device, card: dict) -> str:
+    """"float32" or "bfloat16" for ``--precision`` on this device with this model.
+
+    auto is bf16 only on a CPU with native bf16 and only for a model whose card records that
+    its bf16 labels passed the accuracy check against float32 (``inference.cpu_bfloat16_check``):
+    how far bf16 moves the labels depends on the network (a calibrated random one lost half of
+    its labels, the shipped one keeps Dice >= 0.9945 per region), so it is checked per model.
+    float32 everywhere else, CUDA included (bf16 failed the check there: docs/PERFORMANCE.md).
+    """
+    if requested not in PRECISIONS:
+        raise KANTumorSegError(f"--precision must be one of {', '.join(PRECISIONS)}, not {requested!r}.")
+    if requested == "auto":
+        checked = bool(card.get("inference", {}).get("cpu_bfloat16_check"))
+        return "bfloat16" if device.type == "cpu" and checked and native_cpu_bf16() else "float32"
+    if requested == "bfloat16" and device.type not in ("cpu", "cuda"):
+        raise KANTumorSegError(f"--precision bfloat16 runs on the CPU or CUDA, not on {device.type}; use float32 or auto.")
+    return requested
+
+
 OUT_OF_MEMORY_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory", "could not create a primitive")
 """CUDA's, the CPU allocator's, and oneDNN's (its scratch memory could not be allocated) words."""
 
@@ -51,15 +81,15 @@ GPU_MEMORY_FRACTION = 0.7
 
 class SlicePredictor:
     """Runs the model on batches of preprocessed slices, channels last (the layout oneDNN and
-    cuDNN convolve fastest), in float32 (``half=True``: bf16 autocast on CUDA, for training's
-    per-epoch scoring).
+    cuDNN convolve fastest), in float32 or under bf16 autocast (``precision``, see
+    :func:`choose_precision`).
 
     On CUDA the batch is capped by the free memory, measured on the first slice, so a
     4 GB laptop GPU works. On out-of-memory (GPU or CPU) the batch halves and the run goes
     on; only when one slice does not fit on the GPU does it fall back to the CPU.
     """
 
-    def __init__(self, model, device, batch_size: int = 16, half: bool = False) -> None:
+    def __init__(self, model, device, batch_size: int = 16, precision: str = "float32") -> None:
         import torch
 
         self.device = device
@@ -67,12 +97,7 @@ class SlicePredictor:
         self.batch_size = batch_size
         self.head = model.config.head
         self.measured = device.type != "cuda"
-        # float32 everywhere by default: on the H200 bf16 failed the benchmark's check of the
-        # labelmap against the float32 reference with the shipped model (ET Dice 0.984 < 0.99;
-        # cuDNN's TF32 float32 passed, 0.9997), and the model is a tenth of the command's
-        # GPU time, so bf16 bought almost nothing there (docs/PERFORMANCE.md). On CPUs with
-        # AVX512-BF16 bf16 was 1.8-2.3x faster and passed that check, but is left off too.
-        self.dtype = torch.bfloat16 if (half and device.type == "cuda") else torch.float32
+        self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         import torch

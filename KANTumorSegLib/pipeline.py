@@ -18,6 +18,7 @@ class SegmentResult:
     files: dict[str, Path]
     volumes: dict
     device: str
+    precision: str
 
 
 def segment_case(
@@ -30,12 +31,13 @@ def segment_case(
     overwrite: bool = False,
     batch_size: int = 16,
     progress: Callable[[str, int, int], None] = no_progress,
+    precision: str = "auto",
 ) -> SegmentResult:
     """Segment one case and write its labelmap, .seg.nrrd, volumes and overview."""
     import SimpleITK as sitk
 
     from . import __version__
-    from .inference import SlicePredictor, choose_device, segment_volume
+    from .inference import SlicePredictor, choose_device, choose_precision, segment_volume
     from .outputs import AtomicOutputs, output_names, write_labelmap, write_segmentation, write_volumes
     from .overview import write_overview
     from .volumes import labels_to_reference, load_case
@@ -51,7 +53,7 @@ def segment_case(
         progress("read", 4, 4)
         torch_device = choose_device(device)
         model, card, preprocessing = load_model(model_path, card)
-        predictor = SlicePredictor(model, torch_device, batch_size)
+        predictor = SlicePredictor(model, torch_device, batch_size, choose_precision(precision, torch_device, card))
         model_labels = segment_volume(volume, predictor, preprocessing, progress)
         reference_labels = labels_to_reference(model_labels, grid)
 
@@ -68,6 +70,9 @@ def segment_case(
             "reference": "t1ce",
             "model": {"file": str(model_path), "sha256": card["sha256"], "name": card.get("name", "")},
             "label_convention": labels,
+            # The device and precision that produced these labels: bf16 on a CPU can move a
+            # few boundary voxels against float32 (docs/PERFORMANCE.md, accuracy).
+            "inference": {"device": str(predictor.device), "precision": str(predictor.dtype).replace("torch.", "")},
             "kantumorseg_version": __version__,
         }
         write_volumes(outputs.path("volumes_json"), outputs.path("volumes_csv"), volumes, metadata)
@@ -75,4 +80,4 @@ def segment_case(
         write_overview(outputs.path("overview"), volume, model_labels)
         progress("write", 4, steps)
         files = outputs.commit()
-    return SegmentResult(case, files, volumes, str(predictor.device))
+    return SegmentResult(case, files, volumes, str(predictor.device), str(predictor.dtype).replace("torch.", ""))

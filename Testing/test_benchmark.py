@@ -47,3 +47,34 @@ def test_training_row_times_forward_and_backward_on_a_copy(benchmark, cropped_ca
     assert row["dtype"] == "float32" and row["tflops"] > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the benchmark's model was trained"
     assert not model.training
+
+
+def _bf16_rows(width: int, et_dice: float) -> list[dict]:
+    return [{"width": width, "case": case, "dtype": dtype, "WT": 0.999, "TC": 0.998, "ET": et if dtype == "bfloat16" else 1.0,
+             "voxels_differing": 12} for case in ("BraTS20_Training_001", "BraTS2021_00000")
+            for dtype, et in (("float32", 1.0), ("bfloat16", et_dice))]
+
+
+def test_card_records_the_cpu_bf16_check_only_when_every_case_passes(benchmark, tiny_model: Path, tmp_path: Path) -> None:
+    """The rows are the accuracy check's output format; the card written is the real one, and
+    the library's choice of precision reads it back."""
+    import argparse
+    import json
+    import shutil
+
+    from KANTumorSegLib.inference import choose_precision, native_cpu_bf16
+    from KANTumorSegLib.weights import read_card
+
+    weights = tmp_path / "model.safetensors"
+    shutil.copy(tiny_model, weights)
+    shutil.copy(tiny_model.with_suffix(".json"), weights.with_suffix(".json"))
+    args = argparse.Namespace(model=weights)
+    before = weights.with_suffix(".json").read_text()
+    benchmark.record_cpu_bf16_check(args, _bf16_rows(4, 0.985), torch.device("cpu"))
+    assert weights.with_suffix(".json").read_text() == before  # one case under 0.99: card untouched
+    benchmark.record_cpu_bf16_check(args, _bf16_rows(4, 0.995), torch.device("cpu"))
+    card = read_card(weights)  # still a valid card: the weights' checksum is unchanged
+    check = card["inference"]["cpu_bfloat16_check"]
+    assert check["cases"]["BraTS2021_00000"] == {"WT": 0.999, "TC": 0.998, "ET": 0.995, "voxels_differing": 12}
+    assert list(json.loads(weights.with_suffix(".json").read_text()))[-1] == "sha256"
+    assert choose_precision("auto", torch.device("cpu"), card) == ("bfloat16" if native_cpu_bf16() else "float32")

@@ -210,7 +210,8 @@ def evaluate_test_cases(model, config: dict, device) -> dict:
     from .metrics import case_metrics, per_slice_mean_dice
 
     pre = PreprocessingConfig.from_dict(config["preprocessing"])
-    predictor = SlicePredictor(model, device, batch_size=32, half=config["train"]["amp"])
+    predictor = SlicePredictor(model, device, batch_size=32,
+                               precision="bfloat16" if config["train"]["amp"] and device.type == "cuda" else "float32")
     root = Path(config["data"]["root"])
     out: dict = {"cases": {}}
     slice_preds, slice_truths = [], []

@@ -32,6 +32,7 @@ import contextlib
 import io
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -45,10 +46,11 @@ from torch.nn import functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from KANTumorSegLib.inference import SlicePredictor, segment_volume  # noqa: E402
+from KANTumorSegLib.inference import SlicePredictor, choose_precision, native_cpu_bf16, segment_volume  # noqa: E402
 from KANTumorSegLib.kan_layers import FastKANConv2d, GaussianRBF  # noqa: E402
 from KANTumorSegLib.preprocessing import PreprocessingConfig, paste, preprocess_slice  # noqa: E402
 from KANTumorSegLib.unet import KANUNet2D, ModelConfig, decode_logits  # noqa: E402
+from KANTumorSegLib.weights import card_path, read_card  # noqa: E402
 
 SAMPLES = Path(os.environ.get("KANTUMORSEG_SAMPLES", REPO.parent / "shared" / "data" / "brats_samples"))
 CASES = {
@@ -262,10 +264,12 @@ def concatenated_expansion(self: FastKANConv2d, x: torch.Tensor) -> torch.Tensor
     return torch.cat([F.silu(x), self.basis(x)], dim=1)
 
 
-def model_alone_2d(model: nn.Module, inputs: np.ndarray, device: torch.device, batch: int, before: bool = False):
-    """Forward passes over every slice, the library's way (channels last, its precision), or
-    with ``before`` the way of the first version (NCHW, concatenated expansion)."""
-    predictor = SlicePredictor(model, device, batch)
+def model_alone_2d(model: nn.Module, inputs: np.ndarray, device: torch.device, batch: int, before: bool = False,
+                   precision: str = "float32"):
+    """Forward passes over every slice, the library's way (channels last, the command's
+    precision for this model), or with ``before`` the way of the first version (NCHW,
+    concatenated expansion)."""
+    predictor = SlicePredictor(model, device, batch, precision)
     layout = torch.contiguous_format if before else torch.channels_last
     model = predictor.model.to(memory_format=layout)
     x = torch.from_numpy(inputs).to(device).contiguous(memory_format=layout)
@@ -394,26 +398,25 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def accuracy(model: KANUNet2D, device: torch.device, cases: list[str], cpu_bf16: bool = False) -> list[dict]:
-    """Dice per region between the reference and the command's path (the library's default
-    precision, float32), and bf16 beside it (CUDA autocast; on the CPU only when asked), which
-    the command does not use but which the check measures."""
+def accuracy(model: KANUNet2D, device: torch.device, cases: list[str], cpu_bf16: bool = False,
+             command_precision: str = "float32") -> list[dict]:
+    """Dice per region between the reference and the library's path in float32 and in bf16
+    (on CUDA always; on the CPU when asked or when the command uses it for this model).
+    ``command_path`` marks the precision the command itself uses: only its row must pass."""
     rows = []
     for name in cases:
         volume, _ = read_volume(name)
         brain = (volume > volume.reshape(4, -1).min(axis=1)[:, None, None, None]).any(axis=0)
         expected = reference_labels(model, volume, device)
-        variants = ["command"] + (["bf16"] if device.type == "cuda" or cpu_bf16 else [])
+        variants = ["float32"] + (["bfloat16"] if device.type == "cuda" or cpu_bf16 or command_precision == "bfloat16" else [])
         for variant in variants:
-            predictor = SlicePredictor(model, device, half=variant == "bf16")
-            if variant == "bf16":
-                predictor.dtype = torch.bfloat16  # on the CPU: measured here, not enabled in the library
+            predictor = SlicePredictor(model, device, precision=variant)
             got = segment_volume(volume, predictor, PreprocessingConfig())
             dtype = str(predictor.dtype).replace("torch.", "")
             if device.type == "cuda" and predictor.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
                 dtype += " (cuDNN TF32)"
             row = {"case": name, "dtype": dtype, "voxels_differing": int((expected != got).sum()),
-                   "command_path": variant == "command"}
+                   "command_path": variant == command_precision}
             for region, values in REGIONS.items():
                 row[region] = dice(np.isin(expected, values) & brain, np.isin(got, values) & brain)
                 row[f"{region}_voxels"] = int((np.isin(expected, values) & brain).sum())
@@ -421,6 +424,29 @@ def accuracy(model: KANUNet2D, device: torch.device, cases: list[str], cpu_bf16:
             print(json.dumps(row), flush=True)
         model.cpu()
     return rows
+
+
+def record_cpu_bf16_check(args: argparse.Namespace, rows: list[dict], device: torch.device) -> None:
+    """Write the CPU bf16 rows of the trained model into its card (``inference.cpu_bfloat16_check``)
+    when all of them pass; otherwise leave the card alone and say why."""
+    width = read_card(args.model)["model"]["base_width"] if args.model else None
+    bf16 = [r for r in rows if r["width"] == width and r["dtype"] == "bfloat16"]
+    if device.type != "cpu" or not bf16:
+        print("--record-cpu-bf16-check needs --device cpu, --model and --try-cpu-bf16; the card was left as it was.")
+        return
+    failed = [r["case"] for r in bf16 if not min(r[region] for region in REGIONS) >= 0.99]
+    if failed:
+        print(f"bf16 failed the check on {', '.join(failed)}; {card_path(args.model)} was left as it was.")
+        return
+    card = json.loads(card_path(args.model).read_text())
+    card["inference"] = {"cpu_bfloat16_check": {
+        "rule": "Dice >= 0.99 per region (WT, TC, ET) inside the brain against the float32 reference formula, on each case",
+        "command": " ".join(sys.argv), "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "cases": {r["case"]: {**{region: round(r[region], 4) for region in REGIONS}, "voxels_differing": r["voxels_differing"]}
+                  for r in bf16}}}
+    card["sha256"] = card.pop("sha256")  # keep the checksum last, as the exporter writes it
+    card_path(args.model).write_text(json.dumps(card, indent=2) + "\n")
+    print(f"recorded the passed CPU bf16 check in {card_path(args.model)}")
 
 
 def small_gpu(model: KANUNet2D, inputs: np.ndarray, device: torch.device, gib: float) -> list[dict]:
@@ -507,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before each timing")
     parser.add_argument("--accuracy-only", action="store_true", help="skip the timings")
     parser.add_argument("--try-cpu-bf16", action="store_true", help="add a bf16 row to the CPU accuracy check")
+    parser.add_argument("--record-cpu-bf16-check", action="store_true",
+                        help="with --model and --try-cpu-bf16 on the CPU: when every bf16 row of that model passes, write the "
+                             "check into its card, which lets --precision auto run it in bf16 on CPUs with native bf16")
     parser.add_argument("--skip", nargs="*", default=[], help="rows to leave out (substring of the model name)")
     parser.add_argument("--before", type=int, nargs="*", default=[], help="widths to time the first version's model for")
     parser.add_argument("--work", type=Path, default=None, help="folder for weights and outputs (default: a new temp folder)")
@@ -535,8 +564,13 @@ def main(argv: list[str] | None = None) -> int:
     n_slices = len(inputs)
     work = args.work or Path(tempfile.mkdtemp(prefix="kts-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    native_dtype = SlicePredictor(KANUNet2D(ModelConfig(base_width=2)), device).dtype
+    native_dtype = torch.bfloat16 if device.type == "cuda" or native_cpu_bf16() else torch.float32
     trained = next((m for k, m in models.items() if k.endswith("(trained)")), None)
+
+    def precision_of(model: nn.Module) -> str:
+        """The command's --precision auto for this model: the trained model's card may allow
+        bf16 on this CPU; the random networks' cards record no accuracy check."""
+        return choose_precision("auto", device, read_card(args.model)) if model is trained else "float32"
 
     def weights_for(model: KANUNet2D) -> Path:
         """The file the command loads: the trained model's own, or the random network saved."""
@@ -556,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["flops_case"] = flops_of(lambda m=model, s=small: m(s)) * (240 * 240 * 160) / (96 * 96 * 64)
                 row["model_dtype"] = "float32"
             else:
-                run, dtype = model_alone_2d(model, inputs, device, args.batch)
+                run, dtype = model_alone_2d(model, inputs, device, args.batch, precision=precision_of(model))
                 row["model_s"], row["model_peak_gib"] = timed(run, device, args.repeats)
                 row["model_dtype"] = str(dtype).replace("torch.", "")
                 one = torch.from_numpy(inputs[:1]).to(device)
@@ -566,8 +600,8 @@ def main(argv: list[str] | None = None) -> int:
             row["model_tflops"] = row["flops_case"] / row["model_s"] / 1e12
 
             if isinstance(model, KANUNet2D):
-                row["segment_s"], _ = timed(lambda m=model: segment_volume(volume, SlicePredictor(m, device, args.batch),
-                                                                           PreprocessingConfig()), device, args.repeats)
+                row["segment_s"], _ = timed(lambda m=model: segment_volume(
+                    volume, SlicePredictor(m, device, args.batch, precision_of(m)), PreprocessingConfig()), device, args.repeats)
             if isinstance(model, KANUNet2D) and model.config.conv == "kan" and model.config.base_width in args.before:
                 run, _ = model_alone_2d(model, inputs, device, args.batch, before=True)
                 row["before_model_s"], row["before_model_peak_gib"] = timed(run, device, args.repeats)
@@ -613,12 +647,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.accuracy_widths is not None and m.config.base_width not in args.accuracy_widths:
             continue
         try:
-            checked = accuracy(m, device, args.accuracy_cases, args.try_cpu_bf16)
+            checked = accuracy(m, device, args.accuracy_cases, args.try_cpu_bf16, precision_of(m))
             report["accuracy"] += [dict(width=m.config.base_width, **row) for row in checked]
         except Exception as error:  # noqa: BLE001 - keep the timing tables
             print(f"accuracy check of width {m.config.base_width} failed: {type(error).__name__}: {error}", flush=True)
             report["accuracy"].append({"width": m.config.base_width, "case": "-", "dtype": "-", "voxels_differing": -1,
                                        **{r: float("nan") for r in REGIONS}})
+    if args.record_cpu_bf16_check:
+        record_cpu_bf16_check(args, report["accuracy"], device)
     if args.json:  # the numbers so far, in case the training rows below never return
         args.json.write_text(json.dumps(report, indent=2, default=str))
     # Training last: an out-of-memory step there must not spoil the checks above.

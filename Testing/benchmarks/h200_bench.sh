@@ -39,7 +39,7 @@ torch.cuda.get_device_name(), 'SimpleITK', SimpleITK.Version_VersionString(), 'm
 # Widths 8 and the shipped 16 (its row is the trained model), the first version's model beside
 # each (--before), plain U-Nets, BasicUNet, SegResNet, the whole command warm and cold, the 4 GiB
 # GPU check, the bf16-against-float32 accuracy check, then training through Training's step at
-# batch 32 in bf16, eager and as a CUDA graph (last, so a failed capture spoils nothing else).
+# batch 32 in bf16 (last, so an out-of-memory step there spoils nothing else).
 # timeout: the log and JSON come back even if a step hangs.
 timeout 420 python3 Testing/benchmarks/benchmark.py --device cuda --batch 64 --widths 8 16 --before 8 16 \
     --model Resources/Models/kanunet2d_brats.safetensors --repeats 3 --warmup 1 \
