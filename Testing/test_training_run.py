@@ -59,6 +59,28 @@ def test_tiny_run_loss_goes_down_and_resumes(brats_samples: Path, tiny_run: Path
     assert not {k[1] for k in split["val"]} & {k[1] for k in split["train"]}
 
 
+def test_deadline_stop_resumes_from_the_last_logged_epoch(brats_samples: Path, tmp_path: Path):
+    """A device call's deadline stops a run between checkpoints; the rerun (the next call)
+    must continue after the last logged epoch, not repeat epochs since the last checkpoint."""
+    overrides = tiny_overrides(brats_samples, tmp_path, 3)
+    past = ["--override", "train.deadline_unix=1", "--override", "train.checkpoint_every=25"]
+    done = run(BIN / "kantumorseg-train", "--config", DEFAULT_CONFIG, *overrides, *past)
+    assert done.returncode == 0, done.stderr
+    run_dir = tmp_path / "runs" / "tiny"
+    assert [int(row["epoch"]) for row in read_log(run_dir)] == [0]  # the deadline had passed: one epoch
+    assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 1
+    import torch
+
+    saved = torch.load(run_dir / "last.pt", weights_only=True)  # written at the stop, not at epoch 25
+    assert saved["epoch"] == 0
+    first_row = read_log(run_dir)[0]
+    done = run(BIN / "kantumorseg-train", "--config", DEFAULT_CONFIG, *overrides)
+    assert done.returncode == 0, done.stderr
+    log = read_log(run_dir)
+    assert [int(row["epoch"]) for row in log] == [0, 1, 2] and log[0] == first_row  # epoch 0 not run again
+    assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 3
+
+
 def test_export_loads_into_segment_command(tiny_run: Path, small_case: Path, tmp_path: Path):
     weights = tmp_path / "model" / "tiny.safetensors"
     done = run(BIN / "kantumorseg-export", tiny_run / "runs" / "tiny", "-o", weights)

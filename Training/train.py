@@ -329,7 +329,7 @@ def train(config: dict) -> Path:
             torch.distributed.all_reduce(stop)
         if rank == 0:
             validate_and_save(model, optimizer, scheduler, val_set, device, cfg, run_dir, epoch, lr, train_loss, started,
-                              bar, state)
+                              bar, state, checkpoint=float(stop) > 0)
         if float(stop) > 0:
             break
     if rank == 0:
@@ -340,8 +340,10 @@ def train(config: dict) -> Path:
 
 
 def validate_and_save(model, optimizer, scheduler, val_set: SliceSet, device, cfg: dict, run_dir: Path, epoch: int,
-                      lr: float, train_loss: float, started: float, bar, state: dict) -> None:
-    """Score the epoch on validation, log it, keep the best and the resumable checkpoint."""
+                      lr: float, train_loss: float, started: float, bar, state: dict, checkpoint: bool = False) -> None:
+    """Score the epoch on validation, log it, keep the best and the resumable checkpoint: every
+    ``checkpoint_every`` epochs, and at a deadline stop (``checkpoint``), so that a resumed run
+    continues from the last epoch logged instead of repeating epochs and their log rows."""
     import torch
 
     log_path, last = run_dir / "log.csv", run_dir / "last.pt"
@@ -354,7 +356,7 @@ def validate_and_save(model, optimizer, scheduler, val_set: SliceSet, device, cf
     if val["dice_mean"] > state["best"]:
         state["best"], state["best_epoch"] = val["dice_mean"], epoch
         torch.save(model.state_dict(), run_dir / "best.pt")
-    if (epoch + 1) % cfg["checkpoint_every"] == 0:
+    if checkpoint or (epoch + 1) % cfg["checkpoint_every"] == 0:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "epoch": epoch, **state}, last)
     bar.set_postfix(loss=f"{train_loss:.3f}", val_dice=f"{val['dice_mean']:.3f}", best=f"{state['best']:.3f}")
