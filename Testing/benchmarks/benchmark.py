@@ -48,9 +48,11 @@ sys.path.insert(0, str(REPO))
 
 from KANTumorSegLib.inference import SlicePredictor, choose_precision, native_cpu_bf16, segment_volume  # noqa: E402
 from KANTumorSegLib.kan_layers import FastKANConv2d, GaussianRBF  # noqa: E402
+from KANTumorSegLib.labels import REGIONS, region_mask  # noqa: E402
 from KANTumorSegLib.preprocessing import PreprocessingConfig, paste, preprocess_slice  # noqa: E402
 from KANTumorSegLib.unet import KANUNet2D, ModelConfig, decode_logits  # noqa: E402
 from KANTumorSegLib.weights import card_path, read_card  # noqa: E402
+from Training.metrics import dice  # noqa: E402
 
 SAMPLES = Path(os.environ.get("KANTUMORSEG_SAMPLES", REPO.parent / "shared" / "data" / "brats_samples"))
 CASES = {
@@ -58,7 +60,6 @@ CASES = {
     "Brats18_2013_2_1": "IAmSuyogJadhav_Brainy/Brats18_2013_2_1",
     "BraTS2021_00000": "DevNazrin_brats-segmentation-study/example_case",
 }
-REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -243,9 +244,14 @@ def brain_slices(volume: np.ndarray, config: PreprocessingConfig) -> tuple[np.nd
     return np.stack(inputs), boxes
 
 
+def brain_of(volume: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) mask of voxels above the volume's minimum in any modality: the brain."""
+    return (volume > volume.reshape(4, -1).min(axis=1)[:, None, None, None]).any(axis=0)
+
+
 def segresnet_input(volume: np.ndarray) -> np.ndarray:
     """Auto3DSeg-style input: each modality z-scored over the brain, depth padded to a multiple of 8."""
-    brain = (volume > volume.reshape(4, -1).min(axis=1)[:, None, None, None]).any(axis=0)
+    brain = brain_of(volume)
     out = np.zeros_like(volume)
     for c in range(4):
         values = volume[c][brain]
@@ -393,11 +399,6 @@ def reference_labels(model: KANUNet2D, volume: np.ndarray, device: torch.device)
     return labels
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-
-
 def accuracy(model: KANUNet2D, device: torch.device, cases: list[str], cpu_bf16: bool = False,
              command_precision: str = "float32") -> list[dict]:
     """Dice per region between the reference and the library's path in float32 and in bf16
@@ -406,7 +407,7 @@ def accuracy(model: KANUNet2D, device: torch.device, cases: list[str], cpu_bf16:
     rows = []
     for name in cases:
         volume, _ = read_volume(name)
-        brain = (volume > volume.reshape(4, -1).min(axis=1)[:, None, None, None]).any(axis=0)
+        brain = brain_of(volume)
         expected = reference_labels(model, volume, device)
         variants = ["float32"] + (["bfloat16"] if device.type == "cuda" or cpu_bf16 or command_precision == "bfloat16" else [])
         for variant in variants:
@@ -417,9 +418,10 @@ def accuracy(model: KANUNet2D, device: torch.device, cases: list[str], cpu_bf16:
                 dtype += " (cuDNN TF32)"
             row = {"case": name, "dtype": dtype, "voxels_differing": int((expected != got).sum()),
                    "command_path": variant == command_precision}
-            for region, values in REGIONS.items():
-                row[region] = dice(np.isin(expected, values) & brain, np.isin(got, values) & brain)
-                row[f"{region}_voxels"] = int((np.isin(expected, values) & brain).sum())
+            for region in REGIONS:
+                reference = region_mask(expected, region) & brain
+                row[region] = dice(reference, region_mask(got, region) & brain)
+                row[f"{region}_voxels"] = int(reference.sum())
             rows.append(row)
             print(json.dumps(row), flush=True)
         model.cpu()
