@@ -568,11 +568,13 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     native_dtype = torch.bfloat16 if device.type == "cuda" or native_cpu_bf16() else torch.float32
     trained = next((m for k, m in models.items() if k.endswith("(trained)")), None)
+    # Read (and checksum) the card once, not inside the timed segment_volume calls.
+    trained_precision = choose_precision("auto", device, read_card(args.model)) if trained is not None else "float32"
 
     def precision_of(model: nn.Module) -> str:
         """The command's --precision auto for this model: the trained model's card may allow
         bf16 on this CPU; the random networks' cards record no accuracy check."""
-        return choose_precision("auto", device, read_card(args.model)) if model is trained else "float32"
+        return trained_precision if model is trained else "float32"
 
     def weights_for(model: KANUNet2D) -> Path:
         """The file the command loads: the trained model's own, or the random network saved."""
