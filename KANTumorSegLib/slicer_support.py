@@ -21,9 +21,6 @@ MODALITY_ORDER: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 
 MODALITY_TITLES: dict[str, str] = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 
-DEVICE_ORDER: tuple[str, ...] = ("auto", "cuda", "mps", "cpu")
-"""The ``--device`` values, in the order the module offers them."""
-
 TABLE_COLUMNS: tuple[str, ...] = ("Region", "Description", "Volume", "Voxels")
 """Columns of the module's volume table (Volume in mL)."""
 
