@@ -16,9 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MODALITY_ORDER: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
-"""The command's options and the module's selectors, in the model's channel order."""
-
 MODALITY_TITLES: dict[str, str] = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 
 TABLE_COLUMNS: tuple[str, ...] = ("Region", "Description", "Volume", "Voxels")
@@ -79,7 +76,9 @@ class VolumeMatch:
 def match_volume_names(names: Sequence[str]) -> VolumeMatch:
     """Assign volumes to modalities by name; a modality that several names claim is left
     unassigned (listed in ``ambiguous``) rather than guessed."""
-    candidates: dict[str, list[int]] = {m: [] for m in MODALITY_ORDER}
+    from .preprocessing import MODALITIES
+
+    candidates: dict[str, list[int]] = {m: [] for m in MODALITIES}
     for index, name in enumerate(names):
         modality = modality_of_name(name)
         if modality is not None:
@@ -96,10 +95,12 @@ def match_volume_names(names: Sequence[str]) -> VolumeMatch:
 def input_problems(selected: Mapping[str, tuple[str, str] | None]) -> tuple[list[str], list[tuple[str, str, str]]]:
     """Why the inputs cannot run yet: (modalities with no volume, (modality, modality, volume
     name) pairs that share one volume). ``selected`` maps modality -> (node id, name) or None."""
-    missing = [m for m in MODALITY_ORDER if not selected.get(m)]
+    from .preprocessing import MODALITIES
+
+    missing = [m for m in MODALITIES if not selected.get(m)]
     duplicates = []
     seen: dict[str, str] = {}
-    for modality in MODALITY_ORDER:
+    for modality in MODALITIES:
         choice = selected.get(modality)
         if not choice:
             continue
@@ -132,8 +133,10 @@ def build_command(
     labels: str,
 ) -> list[str]:
     """The exact ``python -m KANTumorSegLib segment ...`` command the module launches."""
+    from .preprocessing import MODALITIES
+
     command = [str(python), "-m", LIBRARY_PACKAGE, "segment"]
-    for modality in MODALITY_ORDER:
+    for modality in MODALITIES:
         command += [f"--{modality}", str(inputs[modality])]
     command += ["-o", str(output_dir), "--case-name", case_name, "--device", device,
                 "--model", str(model), "--labels", labels, "--progress", "jsonl", "--overwrite"]
