@@ -405,6 +405,8 @@ def test_cancel_leaves_the_segmentation_untouched(logic_module, cropped_case, mi
                          completedCallback=finished.append)
     _run_timers(task, on_line=lambda: progress and task.status == "running" and logic.cancel(task))
     assert finished == [task] and task.status == "cancelled"
+    # The status alone would read "cancelled" even if the command ran to its end.
+    assert task.process.returncode != 0, "cancel did not stop the command"
     assert output.segmentation.GetNumberOfSegments() == 0
     assert not os.path.exists(task.tempDir)
 
