@@ -46,11 +46,13 @@ def test_tiny_run_loss_goes_down_and_resumes(brats_samples: Path, tiny_run: Path
     run_dir = tiny_run / "runs" / "tiny"
     for name in ("config.yaml", "split.json", "log.csv", "best.pt", "last.pt", "results.json"):
         assert (run_dir / name).exists(), name
-    # Resume: ask for one more epoch; the run continues from last.pt instead of starting again.
+    # Resume: ask for one more epoch; the run continues from last.pt instead of starting again
+    # (a run started again would rewrite the first rows: their seconds and losses differ).
+    before = read_log(run_dir)
     done = run(BIN / "kantumorseg-train", "--config", DEFAULT_CONFIG, *tiny_overrides(brats_samples, tiny_run, 3))
     assert done.returncode == 0, done.stderr
     log = read_log(run_dir)
-    assert [int(row["epoch"]) for row in log] == [0, 1, 2]
+    assert [int(row["epoch"]) for row in log] == [0, 1, 2] and log[:2] == before
     losses = [float(row["train_loss"]) for row in log]
     assert losses[-1] < losses[0]
     results = json.loads((run_dir / "results.json").read_text())
