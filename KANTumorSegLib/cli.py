@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import KANTumorSegError
+from .errors import KANTumorSegError, is_out_of_memory
 
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
@@ -43,21 +43,6 @@ def _ignore_interrupts() -> None:
     # A second Ctrl-C or SIGTERM during cleanup must not cut the staging folder's removal short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-OUT_OF_MEMORY_PHRASES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate",
-                         # oneDNN, when it cannot allocate a convolution's scratch memory:
-                         "could not create a primitive",
-                         # the loader, when a memory limit leaves no room to map a library:
-                         "failed to map segment")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """MemoryError (numpy, Python), or a failed allocation reported as another error (torch, SimpleITK, imports)."""
-    if isinstance(error, MemoryError):
-        return True
-    text = str(error).lower()
-    return isinstance(error, (RuntimeError, ImportError, OSError)) and any(phrase in text for phrase in OUT_OF_MEMORY_PHRASES)
 
 
 def describe_failure(error: Exception, args: argparse.Namespace) -> tuple[str, int]:

@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import KANTumorSegError
+from .errors import KANTumorSegError, is_out_of_memory
 from .preprocessing import CropBox, PreprocessingConfig, paste, preprocess_slice
 from .progress import no_progress
 
@@ -62,17 +62,6 @@ def choose_precision(requested: str, device, card: dict) -> str:
     if requested == "bfloat16" and device.type not in ("cpu", "cuda"):
         raise KANTumorSegError(f"--precision bfloat16 runs on the CPU or CUDA, not on {device.type}; use float32 or auto.")
     return requested
-
-
-OUT_OF_MEMORY_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory", "could not create a primitive")
-"""CUDA's, the CPU allocator's, and oneDNN's (its scratch memory could not be allocated) words."""
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, MemoryError):
-        return True
-    message = str(error).lower()
-    return any(words in message for words in OUT_OF_MEMORY_MESSAGES)
 
 
 GPU_MEMORY_FRACTION = 0.7
@@ -156,7 +145,7 @@ class SlicePredictor:
                     stop = start + 1
                     out[start:stop] = self._run_measured(inputs[start:stop])
             except (RuntimeError, MemoryError) as error:
-                if not _is_out_of_memory(error):
+                if not is_out_of_memory(error):
                     raise
                 if not self.measured:  # one slice did not fit
                     self.batch_size = 1
