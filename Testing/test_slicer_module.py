@@ -92,10 +92,12 @@ def test_module_never_pip_installs_torch_and_keeps_settings_under_its_prefix():
     for call in re.findall(r"pip_install\(([^)]*)\)", text):
         assert "torch" not in call
     assert "installTorch(askConfirmation=True" in text
-    keys = re.findall(r"SETTINGS_PREFIX \+ \"([^\"]+)\"", text)
-    assert keys and re.search(r'SETTINGS_PREFIX = "KANTumorSeg/"', text)
-    for setting_key in re.findall(r'<string>(KANTumorSeg/[^<]*)</string>', UI.read_text()):
-        assert setting_key.startswith("KANTumorSeg/")
+    assert re.search(r'SETTINGS_PREFIX = "KANTumorSeg/"', text)
+    keys = re.findall(r"(?:settings|QSettings\(\))\.(?:value|setValue)\(([^,]+),", text)
+    assert keys and all(key.startswith("SETTINGS_PREFIX + ") for key in keys), keys
+    ui_keys = [p.find("string").text for w in _ui_widgets().values() for p in w.findall("property")
+               if p.get("name") == "settingKey"]
+    assert ui_keys and all(key.startswith("KANTumorSeg/") for key in ui_keys), ui_keys
 
 
 def _ui_widgets() -> dict[str, ElementTree.Element]:
