@@ -109,7 +109,11 @@ def brain_bounds(mask: np.ndarray) -> tuple[slice, slice]:
 
 def brain_crop_box(mask: np.ndarray, size: int) -> CropBox:
     """A size x size window centred on the bounding box of the brain mask."""
-    bx, by = brain_bounds(mask)
+    return _window_around(brain_bounds(mask), size)
+
+
+def _window_around(bounds: tuple[slice, slice], size: int) -> CropBox:
+    bx, by = bounds
     return CropBox((bx.start + bx.stop) // 2 - size // 2, (by.start + by.stop) // 2 - size // 2, size)
 
 
@@ -135,7 +139,8 @@ def preprocess_slice(slice_: np.ndarray, config: PreprocessingConfig) -> tuple[n
     mask = brain_mask(slice_)
     if not mask.any():
         return None
-    box = brain_crop_box(mask, config.crop_size)
+    brain = brain_bounds(mask)
+    box = _window_around(brain, config.crop_size)
     # Bit for bit crop(scale_intensities(slice_), box, fill=-1), at a third of the cost: the
     # range is taken over the whole slice, but only the brain's bounding box inside the window
     # is scaled (the power is most of the work). Outside it every modality is at its slice
@@ -143,7 +148,7 @@ def preprocess_slice(slice_: np.ndarray, config: PreprocessingConfig) -> tuple[n
     # non-finite voxels).
     values = np.asarray(slice_, dtype=np.float32)
     window = np.full((len(config.gamma), box.size, box.size), -1.0, dtype=np.float32)
-    bounds = tuple(slice(max(b.start, lo), min(b.stop, lo + box.size)) for b, lo in zip(brain_bounds(mask), (box.x0, box.y0)))
+    bounds = tuple(slice(max(b.start, lo), min(b.stop, lo + box.size)) for b, lo in zip(brain, (box.x0, box.y0)))
     target = tuple(slice(b.start - lo, b.stop - lo) for b, lo in zip(bounds, (box.x0, box.y0)))
     for c, gamma in enumerate(config.gamma):
         window[(c, *target)] = scale_channel(values[(c, *bounds)], float(values[c].min()), float(values[c].max()), gamma)
