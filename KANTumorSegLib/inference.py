@@ -88,6 +88,11 @@ class SlicePredictor:
         self.measured = device.type != "cuda"
         self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
 
+    @property
+    def precision(self) -> str:
+        """"float32" or "bfloat16": what the slices run in now (float32 after a fall back to the CPU)."""
+        return str(self.dtype).removeprefix("torch.")
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
         import torch
 

@@ -72,7 +72,7 @@ def segment_case(
             "label_convention": labels,
             # The device and precision that produced these labels: bf16 on a CPU can move a
             # few boundary voxels against float32 (docs/PERFORMANCE.md, accuracy).
-            "inference": {"device": str(predictor.device), "precision": str(predictor.dtype).replace("torch.", "")},
+            "inference": {"device": str(predictor.device), "precision": predictor.precision},
             "kantumorseg_version": __version__,
         }
         write_volumes(outputs.path("volumes_json"), outputs.path("volumes_csv"), volumes, metadata)
@@ -80,4 +80,4 @@ def segment_case(
         write_overview(outputs.path("overview"), volume, model_labels)
         progress("write", 4, steps)
         files = outputs.commit()
-    return SegmentResult(case, files, volumes, str(predictor.device), str(predictor.dtype).replace("torch.", ""))
+    return SegmentResult(case, files, volumes, str(predictor.device), predictor.precision)
