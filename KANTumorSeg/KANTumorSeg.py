@@ -522,10 +522,11 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         from KANTumorSegLib import slicer_support
 
         inputs = {"t1": t1, "t1ce": t1ce, "t2": t2, "flair": flair}
-        for modality, node in inputs.items():
-            if node is None:
-                raise ValueError(_("The {modality} volume is not set.").format(modality=slicer_support.MODALITY_TITLES[modality]))
-        if len({node.GetID() for node in inputs.values()}) < 4:
+        missing, duplicates = slicer_support.input_problems(
+            {modality: (node.GetID(), node.GetName()) if node else None for modality, node in inputs.items()})
+        if missing:
+            raise ValueError(_("The {modality} volume is not set.").format(modality=slicer_support.MODALITY_TITLES[missing[0]]))
+        if duplicates:
             raise ValueError(_("The four inputs must be four different volumes."))
         if outputSegmentation is None:
             raise ValueError(_("The output segmentation is not set."))

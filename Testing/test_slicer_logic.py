@@ -428,6 +428,8 @@ def test_process_refuses_the_same_volume_twice(logic_module, cropped_case):
     volumes = _volumes(cropped_case)
     with pytest.raises(ValueError, match="four different volumes"):
         logic.process(volumes["t1"], volumes["t1"], volumes["t2"], volumes["flair"], _SegmentationNode("out"))
+    with pytest.raises(ValueError, match="The T2 volume is not set"):
+        logic.process(volumes["t1"], volumes["t1ce"], None, volumes["flair"], _SegmentationNode("out"))
 
 
 def test_load_case_and_model_card_use_the_library(logic_module, brats_case_001, mixed_model, monkeypatch):
