@@ -438,10 +438,10 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
                 _("KANTumorSeg needs the PyTorch extension: install it from the Extensions Manager and restart 3D Slicer.")) from None
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         restartNeeded = False
+        minimum = ".".join(str(v) for v in MINIMUM_TORCH_VERSION)
         if not torchLogic.torchInstalled():
             # A torch that failed to load earlier stays in memory: a fresh install then needs a restart.
             torchWasLoaded = "torch" in sys.modules
-            minimum = ".".join(str(v) for v in MINIMUM_TORCH_VERSION)
             torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=f">={minimum}")
             if torch is None:
                 raise RuntimeError(_("PyTorch is required: install it with the PyTorch Utils module or allow the installation."))
@@ -452,7 +452,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             if numbers < MINIMUM_TORCH_VERSION:
                 raise RuntimeError(
                     _("PyTorch {version} is too old; use the PyTorch Utils module to install version {minimum} or newer.").format(
-                        version=version, minimum=".".join(str(v) for v in MINIMUM_TORCH_VERSION)))
+                        version=version, minimum=minimum))
 
         missing = [requirement for name, requirement in OTHER_REQUIREMENTS if importlib.util.find_spec(name) is None]
         if missing:
