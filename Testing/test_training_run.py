@@ -25,6 +25,7 @@ def tiny_overrides(samples: Path, tmp: Path, epochs: int) -> list[str]:
         "data.n_train": 8, "data.n_val": 4, "data.train_case": "null", "model.base_width": 4,
         "train.epochs": epochs, "train.lr": 3.0e-3, "train.rot90_prob": 0, "train.shift_prob": 0,
         "train.test": "false", "train.progress": "false", "preprocessing.crop_size": 96,
+        "train.checkpoint_every": 2,
     }
     return sum((["--override", f"{k}={v}"] for k, v in settings.items()), [])
 
@@ -57,6 +58,11 @@ def test_tiny_run_loss_goes_down_and_resumes(brats_samples: Path, tiny_run: Path
     assert losses[-1] < losses[0]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["epochs_run"] == 3 and 0.0 <= results["validation"]["dice_mean"] <= 1.0
+    # Epoch 2 came after the last checkpoint (epoch 1, checkpoint_every 2), as when a process
+    # is killed: the rerun runs epoch 2 again and its row replaces the first one.
+    done = run(BIN / "kantumorseg-train", "--config", DEFAULT_CONFIG, *tiny_overrides(brats_samples, tiny_run, 3))
+    assert done.returncode == 0, done.stderr
+    assert [int(row["epoch"]) for row in read_log(run_dir)] == [0, 1, 2]
     split = json.loads((run_dir / "split.json").read_text())
     assert not {k[1] for k in split["val"]} & {k[1] for k in split["train"]}
 

@@ -296,9 +296,15 @@ def train(config: dict) -> Path:
     y_all = torch.from_numpy(train_set.labels.astype(np.int64)).to(device)
     log_path = run_dir / "log.csv"
     fields = ["epoch", "lr", "train_loss", "seconds", *[f"val_{m}" for m in METRIC_NAMES]]
-    if rank == 0 and start_epoch == 0:
+    if rank == 0:
+        # A run stopped between checkpoints (killed, not at a deadline) logged epochs that it
+        # now runs again from last.pt: keep only the rows before the epoch it resumes from.
+        kept = []
+        if start_epoch > 0 and log_path.exists():
+            with open(log_path, newline="") as stream:
+                kept = [row for row in list(csv.reader(stream))[1:] if int(row[0]) < start_epoch]
         with open(log_path, "w", newline="") as stream:
-            csv.writer(stream).writerow(fields)
+            csv.writer(stream).writerows([fields, *kept])
     bar = tqdm(range(start_epoch, cfg["epochs"]), desc=config["name"], disable=rank != 0 or not cfg["progress"],
                initial=start_epoch, total=cfg["epochs"])
     for epoch in bar:
