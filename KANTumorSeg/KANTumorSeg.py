@@ -303,8 +303,10 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.plainText = ""
         with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
             if self.logic.setupPythonRequirements():
-                if slicer.util.confirmOkCancelDisplay(_("PyTorch was updated while an older copy was loaded; 3D Slicer must restart."),
-                                                      _("Press OK to restart now.")):
+                # confirmOkCancelDisplay(text, windowTitle): the whole message goes in the text.
+                if slicer.util.confirmOkCancelDisplay(
+                        _("PyTorch was updated while an older copy was loaded; 3D Slicer must restart. Press OK to restart now."),
+                        _("KANTumorSeg")):
                     slicer.util.restart()
                 return
             if self._parameterNode.outputSegmentation is None:
