@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from Training.metrics import case_metrics, dice, mean_metrics
+from Training.metrics import case_metrics, dice, mean_metrics, score_test_case
 
 
 def test_dice_by_hand():
@@ -56,3 +56,27 @@ def test_mean_metrics_average_over_slices():
     m = mean_metrics(pred, truth)
     assert m["dice_WT"] == pytest.approx(0.5)
     assert m["dice_ET"] == 1.0
+
+
+def test_test_case_scores_on_a_real_case(brats_samples):
+    """The test evaluation's per-case figures (results.json, score_segmentation.py) on
+    BraTS2021_00000: its own labels score 1; one voxel added on a tumour-free brain slice is
+    one voxel of false positive there and leaves the tumour slices alone."""
+    from KANTumorSegLib.preprocessing import brain_mask
+    from Training.data import CASE_FOLDERS, read_nifti_case, voxel_ml
+
+    folder = brats_samples / CASE_FOLDERS["BraTS2021_00000"]
+    volume, truth = read_nifti_case(folder)
+    figures, preds, truths = score_test_case(truth, truth, volume, voxel_ml(folder))
+    tumour_z = np.nonzero(truth.any(axis=(0, 1)))[0]
+    assert figures["n_tumour_slices"] == len(tumour_z) == len(preds) and np.array_equal(preds, truths)
+    assert figures["volume_3d"]["dice_mean"] == 1.0 and figures["tumour_slices"]["dice_mean"] == 1.0
+    assert figures["false_positive_ml_tumour_free_slices"] == 0.0
+    free = [z for z in range(truth.shape[-1]) if z not in set(tumour_z) and brain_mask(volume[..., z]).any()]
+    assert figures["n_tumour_free_brain_slices"] == len(free) > 0
+    pred = truth.copy()
+    x, y = np.argwhere(brain_mask(volume[..., free[0]]))[0]
+    pred[x, y, free[0]] = 2
+    figures, _, _ = score_test_case(pred, truth, volume, voxel_ml(folder))
+    assert figures["false_positive_ml_tumour_free_slices"] == pytest.approx(voxel_ml(folder)) == pytest.approx(0.001)
+    assert figures["tumour_slices"]["dice_mean"] == 1.0 and figures["volume_3d"]["dice_mean"] < 1.0

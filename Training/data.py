@@ -79,6 +79,13 @@ def read_nifti_case(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return volume, seg
 
 
+def voxel_ml(folder: Path) -> float:
+    """Volume of one voxel of a BraTS case folder's segmentation, in mL."""
+    import nibabel as nib
+
+    return float(np.prod(nib.load(str(find_case_files(folder)[0]["seg"])).header.get_zooms()[:3])) / 1000.0
+
+
 @dataclass
 class SliceSet:
     """Preprocessed slices: inputs (N, 4, S, S) float16, labels (N, S, S) uint8 0/1/2/4,

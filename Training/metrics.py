@@ -44,3 +44,23 @@ def mean_metrics(preds: np.ndarray, truths: np.ndarray) -> dict[str, float]:
 def per_slice_mean_dice(preds: np.ndarray, truths: np.ndarray) -> np.ndarray:
     """Mean Dice over WT/TC/ET of each slice: the paired samples of the KAN vs plain test."""
     return np.array([case_metrics(p, t)["dice_mean"] for p, t in zip(preds, truths)])
+
+
+def score_test_case(pred: np.ndarray, truth: np.ndarray, volume: np.ndarray, voxel_ml: float):
+    """One 3D test case's figures: 3D metrics, slice metrics over its tumour slices and
+    false-positive mL on its brain slices without tumour; also returns those tumour slices
+    (prediction, truth) as (N, X, Y) for a mean pooled over cases."""
+    from KANTumorSegLib.preprocessing import brain_mask
+
+    has_tumour = truth.any(axis=(0, 1))
+    tumour = np.nonzero(has_tumour)[0]
+    empty_brain = [z for z in np.nonzero(~has_tumour)[0] if brain_mask(volume[..., z]).any()]
+    preds, truths = np.moveaxis(pred[..., tumour], -1, 0), np.moveaxis(truth[..., tumour], -1, 0)
+    figures = {
+        "volume_3d": case_metrics(pred, truth),
+        "tumour_slices": mean_metrics(preds, truths),
+        "n_tumour_slices": len(tumour),
+        "n_tumour_free_brain_slices": len(empty_brain),
+        "false_positive_ml_tumour_free_slices": int((pred[..., empty_brain] > 0).sum()) * voxel_ml,
+    }
+    return figures, preds, truths

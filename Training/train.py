@@ -201,13 +201,11 @@ def evaluate_test_cases(model, config: dict, device) -> dict:
     """Full-volume inference (the library's segment_volume) on each test case: per-case 3D
     metrics, slice metrics over its tumour slices, and false-positive mL on its brain
     slices without tumour."""
-    import nibabel as nib
-
     from KANTumorSegLib.inference import SlicePredictor, segment_volume
-    from KANTumorSegLib.preprocessing import PreprocessingConfig, brain_mask
+    from KANTumorSegLib.preprocessing import PreprocessingConfig
 
-    from .data import CASE_FOLDERS, find_case_files, read_nifti_case
-    from .metrics import case_metrics, per_slice_mean_dice
+    from .data import CASE_FOLDERS, read_nifti_case, voxel_ml
+    from .metrics import per_slice_mean_dice, score_test_case
 
     pre = PreprocessingConfig.from_dict(config["preprocessing"])
     predictor = SlicePredictor(model, device, batch_size=32,
@@ -218,23 +216,10 @@ def evaluate_test_cases(model, config: dict, device) -> dict:
     for case in config["data"]["test_cases"]:
         folder = root / CASE_FOLDERS[case]
         volume, truth = read_nifti_case(folder)
-        voxel_ml = float(np.prod(nib.load(str(find_case_files(folder)[0]["seg"])).header.get_zooms()[:3])) / 1000.0
-        pred = segment_volume(volume, predictor, pre)
-        tumour = [z for z in range(truth.shape[-1]) if truth[..., z].any()]
-        empty_brain = [z for z in range(truth.shape[-1]) if not truth[..., z].any() and brain_mask(volume[..., z]).any()]
-        preds = np.moveaxis(pred[..., tumour], -1, 0)
-        truths = np.moveaxis(truth[..., tumour], -1, 0)
+        figures, preds, truths = score_test_case(segment_volume(volume, predictor, pre), truth, volume, voxel_ml(folder))
         slice_preds.append(preds)
         slice_truths.append(truths)
-        fp_voxels = int((pred[..., empty_brain] > 0).sum())
-        out["cases"][case] = {
-            "volume_3d": case_metrics(pred, truth),
-            "tumour_slices": mean_metrics(preds, truths),
-            "n_tumour_slices": len(tumour),
-            "n_tumour_free_brain_slices": len(empty_brain),
-            "false_positive_ml_tumour_free_slices": fp_voxels * voxel_ml,
-            "slice_dice_mean": per_slice_mean_dice(preds, truths).round(5).tolist(),
-        }
+        out["cases"][case] = {**figures, "slice_dice_mean": per_slice_mean_dice(preds, truths).round(5).tolist()}
     preds, truths = np.concatenate(slice_preds), np.concatenate(slice_truths)
     out["slices"] = mean_metrics(preds, truths)
     out["n_slices"] = len(preds)

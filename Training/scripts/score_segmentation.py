@@ -18,9 +18,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from KANTumorSegLib.preprocessing import brain_mask
-from Training.data import find_case_files, read_nifti_case
-from Training.metrics import case_metrics, mean_metrics
+from Training.data import read_nifti_case, voxel_ml
+from Training.metrics import mean_metrics, score_test_case
 
 
 def score(prediction: Path, case_dir: Path) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -29,18 +28,7 @@ def score(prediction: Path, case_dir: Path) -> tuple[dict, np.ndarray, np.ndarra
     pred = np.asarray(nib.load(str(prediction)).dataobj).astype(np.uint8)
     if pred.shape != truth.shape:
         raise SystemExit(f"{prediction} has shape {pred.shape}, its case {truth.shape}.")
-    voxel_ml = float(np.prod(nib.load(str(find_case_files(case_dir)[0]["seg"])).header.get_zooms()[:3])) / 1000.0
-    tumour = [z for z in range(truth.shape[-1]) if truth[..., z].any()]
-    empty_brain = [z for z in range(truth.shape[-1]) if not truth[..., z].any() and brain_mask(volume[..., z]).any()]
-    preds, truths = np.moveaxis(pred[..., tumour], -1, 0), np.moveaxis(truth[..., tumour], -1, 0)
-    figures = {
-        "volume_3d": case_metrics(pred, truth),
-        "tumour_slices": mean_metrics(preds, truths),
-        "n_tumour_slices": len(tumour),
-        "n_tumour_free_brain_slices": len(empty_brain),
-        "false_positive_ml_tumour_free_slices": int((pred[..., empty_brain] > 0).sum()) * voxel_ml,
-    }
-    return figures, preds, truths
+    return score_test_case(pred, truth, volume, voxel_ml(case_dir))
 
 
 def main(argv: list[str]) -> None:
