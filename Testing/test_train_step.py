@@ -37,3 +37,19 @@ def test_flip_and_contrast_augmentation_keep_labels_aligned_and_background():
     assert out_x.min() >= -1.0 and out_x.max() <= 1.0
     assert torch.equal(out_x[:, :, -8:], torch.full_like(out_x[:, :, -8:], -1.0))  # background stays background
     assert not torch.allclose(out_x, torch.flip(images, (-2,)))  # the contrast did change
+
+
+def test_rotation_and_shift_move_image_and_labels_together():
+    """The study's augmentation (on in every recorded run): the image is built from its labels
+    (-1 background, the label / 4 elsewhere), so after any rotation and shift it must still be."""
+    from Training.config import DEFAULTS
+    from Training.train import TensorAugmenter
+
+    cfg = {**DEFAULTS["train"], "rot90_prob": 1.0, "shift_prob": 1.0, "shift_pixels": 6}
+    generator = torch.Generator().manual_seed(2)
+    labels = torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (8, 24, 24), generator=generator)]
+    images = torch.where(labels > 0, labels / 4.0, -1.0)[:, None].expand(8, 4, 24, 24).contiguous()
+    out_x, out_y = TensorAugmenter(cfg, seed=0)(images, labels)
+    assert torch.equal(out_x, torch.where(out_y > 0, out_y / 4.0, -1.0)[:, None].expand(8, 4, 24, 24))
+    assert not torch.equal(out_y, labels)
+    assert (out_y == 0).sum() > (labels == 0).sum()  # shifts bring in background
