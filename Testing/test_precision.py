@@ -37,8 +37,9 @@ def test_bad_precision_is_one_sentence():
 
 def test_predictor_runs_the_precision_it_was_given():
     model = KANUNet2D(ModelConfig(base_width=4))
-    assert SlicePredictor(model, torch.device("cpu")).dtype == torch.float32
-    assert SlicePredictor(model, torch.device("cpu"), precision="bfloat16").dtype == torch.bfloat16
+    plain, bf16 = SlicePredictor(model, torch.device("cpu")), SlicePredictor(model, torch.device("cpu"), precision="bfloat16")
+    assert (plain.dtype, plain.precision) == (torch.float32, "float32")
+    assert (bf16.dtype, bf16.precision) == (torch.bfloat16, "bfloat16")
 
 
 def _segment(case: Path, model: Path, out: Path, *extra: str) -> dict:
