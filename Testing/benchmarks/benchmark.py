@@ -413,7 +413,7 @@ def accuracy(model: KANUNet2D, device: torch.device, cases: list[str], cpu_bf16:
         for variant in variants:
             predictor = SlicePredictor(model, device, precision=variant)
             got = segment_volume(volume, predictor, PreprocessingConfig())
-            dtype = str(predictor.dtype).replace("torch.", "")
+            dtype = predictor.precision
             if device.type == "cuda" and predictor.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
                 dtype += " (cuDNN TF32)"
             row = {"case": name, "dtype": dtype, "voxels_differing": int((expected != got).sum()),
