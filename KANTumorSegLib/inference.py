@@ -161,25 +161,15 @@ class SlicePredictor:
         return out
 
 
-GATHER_SLICES = 16
-"""Axial slices copied out of the volume at once (16 x 4 x 240 x 240 float32: 14 MiB)."""
-
-
 def _axial_slices(volume: np.ndarray) -> Iterator[np.ndarray]:
-    """The (4, X, Y) axial slices of a (4, X, Y, Z) volume in z order, as contiguous views
-    into one reused buffer (each is overwritten GATHER_SLICES slices later: do not keep it).
+    """The (4, X, Y) axial slices of a (4, X, Y, Z) volume in z order, each a contiguous copy.
 
-    An axial slice of the C-ordered volume is a strided gather (one value every Z), slow to
-    preprocess in place; copying a block of slices, a modality at a time (the faster copy
-    order), costs less, and the buffer is freed once the last slice is read.
+    ``load_case``'s volume is a view of (4, Z, Y, X) memory, so a slice's copy reads four
+    contiguous planes (0.08 s for a BraTS case on 2 cores; preprocessing the strided views in
+    place took 0.13 s, and copying blocks of 16 slices into a buffer 0.11 s).
     """
-    depth = volume.shape[3]
-    buffer = np.empty((GATHER_SLICES, *volume.shape[:3]), dtype=volume.dtype)
-    for z0 in range(0, depth, GATHER_SLICES):
-        block = buffer[:min(GATHER_SLICES, depth - z0)]
-        for c in range(volume.shape[0]):
-            block[:, c] = np.moveaxis(volume[c, ..., z0:z0 + len(block)], -1, 0)
-        yield from block
+    for z in range(volume.shape[3]):
+        yield np.ascontiguousarray(volume[..., z])
 
 
 def segment_volume(volume: np.ndarray, predictor: SlicePredictor, config: PreprocessingConfig,

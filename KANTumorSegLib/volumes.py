@@ -203,18 +203,21 @@ def model_grid(reference: sitk.Image) -> ModelGrid:
     return ModelGrid(reference, grid)
 
 
-def to_model_array(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
-    """(X, Y, Z) float32 array of the image on the model grid (x: left, y: posterior)."""
+def on_model_grid(image: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    """The image on the model grid: itself, reoriented to LPS, or resampled (linear)."""
     if same_grid(image, grid):
-        on_grid = image
-    else:
-        oriented = sitk.DICOMOrient(image, "LPS")
-        if same_grid(oriented, grid):
-            on_grid = oriented
-        else:
-            background = float(sitk.GetArrayViewFromImage(image).min())
-            on_grid = resample_like(image, grid, sitk.sitkLinear, background)
-    return np.ascontiguousarray(sitk.GetArrayFromImage(on_grid).transpose(2, 1, 0), dtype=np.float32)
+        return image
+    oriented = sitk.DICOMOrient(image, "LPS")
+    if same_grid(oriented, grid):
+        return oriented
+    background = float(sitk.GetArrayViewFromImage(image).min())
+    return resample_like(image, grid, sitk.sitkLinear, background)
+
+
+def to_model_array(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    """(X, Y, Z) float32 array of the image on the model grid (x: left, y: posterior): a
+    transposed view of ITK's (Z, Y, X) array, so an axial slice stays one contiguous plane."""
+    return sitk.GetArrayFromImage(on_model_grid(image, grid)).astype(np.float32, copy=False).transpose(2, 1, 0)
 
 
 def labels_to_reference(labels: np.ndarray, grid: ModelGrid) -> sitk.Image:
@@ -243,10 +246,14 @@ def check_distinct(images: dict[str, sitk.Image], paths: dict[str, Path]) -> Non
 
 
 def load_case(paths: dict[str, Path]) -> tuple[np.ndarray, ModelGrid]:
-    """Read and align the four modalities: a (4, X, Y, Z) model-grid array and its grid."""
+    """Read and align the four modalities: a (4, X, Y, Z) model-grid array (a view of a
+    (4, Z, Y, X) C-ordered array) and its grid."""
     images = {m: read_image(paths[m], m) for m in MODALITIES}
     check_distinct(images, paths)
     aligned = align_to_reference(images, paths)
     grid = model_grid(aligned[REFERENCE_MODALITY])
-    volume = np.stack([to_model_array(aligned[m], grid.grid) for m in MODALITIES])
-    return volume, grid
+    # One copy, in ITK's (Z, Y, X) memory order, viewed as (4, X, Y, Z): transposing copies
+    # (to X, Y, Z, then back to axial planes for the model) took 0.3 s of a 1.2 s GPU command.
+    on_grid = [on_model_grid(aligned[m], grid.grid) for m in MODALITIES]
+    volume = np.stack([sitk.GetArrayViewFromImage(image) for image in on_grid]).astype(np.float32, copy=False)
+    return volume.transpose(0, 3, 2, 1), grid

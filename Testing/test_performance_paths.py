@@ -117,18 +117,15 @@ def test_preprocess_slice_is_the_formula_bit_for_bit(volume_001: np.ndarray, cro
     assert 0 < skipped < volume_001.shape[3], "the case has slices with and without brain"
 
 
-def test_segment_volume_is_the_formula_bit_for_bit(volume_001: np.ndarray, mixed_model: Path, monkeypatch) -> None:
-    """8 real slices through the tumour, copied 3 at a time (blocks of 3, 3 and 2: the
-    16-slice blocks of a real run, scaled down), 96 x 96 windows to keep the model's work
-    small: the per-slice formula's inputs, the same predictor batches, pasted by hand, give
-    segment_volume's labelmap exactly."""
-    from KANTumorSegLib import inference
+def test_segment_volume_is_the_formula_bit_for_bit(volume_001: np.ndarray, mixed_model: Path) -> None:
+    """8 real slices through the tumour, as load_case lays them out (a view of (4, Z, Y, X)
+    memory), 96 x 96 windows to keep the model's work small: the per-slice formula's inputs,
+    the same predictor batches, pasted by hand, give segment_volume's labelmap exactly."""
     from KANTumorSegLib.weights import load_model
 
     model, _, card_config = load_model(mixed_model)
     config = PreprocessingConfig(gamma=card_config.gamma, crop_size=96)
     volume = volume_001[..., 70:78]
-    monkeypatch.setattr(inference, "GATHER_SLICES", 3)
     got = segment_volume(volume, SlicePredictor(model, torch.device("cpu"), batch_size=4), config)
 
     kept = [(z, prepared) for z in range(volume.shape[3]) if (prepared := formula_input(volume[..., z], config)) is not None]
