@@ -1,0 +1,121 @@
+"""GPU levers for the model's forward rate, measured side by side in one process.
+
+Issue 5 asks for the KAN forward pass at 3x the naive prototype's 930 slices/s and within 2x of
+the plain-Conv2d U-Net. This times the shipped model over BraTS20_Training_001's 135 brain crops
+the library's way (channels last, float32 with TF32 convolutions, batch 64) and with one lever
+changed at a time: larger batches, cuDNN's autotuner (``cudnn.benchmark``), and
+``torch.compile`` (Inductor fuses the Gaussian expansion's pointwise work into one kernel). The
+first version of the layer (NCHW, concatenated expansion) and the plain U-Net of the same
+topology run in the same process as references. Every lever's labels are compared with the
+library path's: Dice per region (WT, TC, ET) over the 135 slices.
+
+    python3 Testing/benchmarks/model_levers.py            # on the H200, wheels as in h200_bench.sh
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchmark import brain_slices, model_alone_2d, read_volume, sync  # noqa: E402
+
+from KANTumorSegLib.labels import REGIONS, region_mask  # noqa: E402
+from KANTumorSegLib.unet import KANUNet2D, ModelConfig, decode_logits  # noqa: E402
+from KANTumorSegLib.weights import default_model_path, load_model  # noqa: E402
+
+
+def rate(run, n_slices: int, device: torch.device, repeats: int = 5) -> float:
+    """Slices per second: median of ``repeats`` timed calls after two untimed ones."""
+    for _ in range(2):
+        run()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return n_slices / float(np.median(times))
+
+
+def labels_of(model, x: torch.Tensor, batch: int, head: str) -> np.ndarray:
+    with torch.inference_mode():
+        return np.concatenate([decode_logits(model(x[s:s + batch]).float(), head).cpu().numpy()
+                               for s in range(0, len(x), batch)])
+
+
+def dice_against(reference: np.ndarray, labels: np.ndarray) -> str:
+    scores = []
+    for region in REGIONS:
+        a, b = region_mask(reference, region), region_mask(labels, region)
+        total = a.sum() + b.sum()
+        scores.append(1.0 if total == 0 else 2.0 * (a & b).sum() / total)
+    return " / ".join(f"{s:.4f}" for s in scores)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a quick check of the script)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    model, card, config = load_model(default_model_path())
+    inputs, _ = brain_slices(read_volume("BraTS20_Training_001")[0], config)
+    n = len(inputs)
+    head = card["model"]["head"]
+    x = torch.from_numpy(inputs).to(device).contiguous(memory_format=torch.channels_last)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"# {name}, torch {torch.__version__}, shipped model "
+          f"({card['model']['num_grids']} grids, width {card['model']['base_width']}), {n} slices of 224 x 224")
+
+    rows = []
+    run, _ = model_alone_2d(model, inputs, device, 64)
+    rows.append(("library path: channels last, float32/TF32, batch 64", rate(run, n, device, args.repeats), "reference"))
+    library = model.to(device)
+    reference = labels_of(library, x, 64, head)
+    for batch in (128, 256):
+        run, _ = model_alone_2d(model, inputs, device, batch)
+        rows.append((f"batch {batch}", rate(run, n, device, args.repeats), dice_against(reference, labels_of(library, x, batch, head))))
+    run, _ = model_alone_2d(model, inputs, device, 64, before=True)
+    rows.append(("first version (NCHW, concatenated expansion), batch 64", rate(run, n, device, args.repeats), "same weights"))
+
+    torch.backends.cudnn.benchmark = True
+    run, _ = model_alone_2d(model, inputs, device, 64)
+    rows.append(("cudnn.benchmark, batch 64", rate(run, n, device, args.repeats), dice_against(reference, labels_of(library, x, 64, head))))
+    torch.backends.cudnn.benchmark = False
+
+    started = time.perf_counter()
+    compiled = torch.compile(library)
+    compiled_labels = labels_of(compiled, x, 64, head)
+    compile_s = time.perf_counter() - started
+
+    def run_compiled() -> None:
+        with torch.inference_mode():
+            for s in range(0, n, 64):
+                compiled(x[s:s + 64])
+
+    rows.append((f"torch.compile, batch 64 (first call incl. compile {compile_s:.1f} s)", rate(run_compiled, n, device, args.repeats),
+                 dice_against(reference, compiled_labels)))
+
+    plain = KANUNet2D(ModelConfig(base_width=card["model"]["base_width"], conv="plain", head=head)).eval()
+    run, _ = model_alone_2d(plain, inputs, device, 64)
+    rows.append(("plain Conv2d U-Net, same topology, batch 64", rate(run, n, device, args.repeats), "untrained"))
+
+    print("| variant | slices/s | x naive 930 | Dice WT / TC / ET against the library path |\n|---|---|---|---|")
+    for name, value, agreement in rows:
+        print(f"| {name} | {value:,.0f} | {value / 930:.2f} | {agreement} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
