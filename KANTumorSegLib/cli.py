@@ -1,4 +1,4 @@
-"""The ``kantumorseg`` command: ``segment`` a case, or print ``info``.
+"""The ``kantumorseg`` command: ``segment`` a case (or a cohort in one process), or print ``info``.
 
 Every user error (and running out of memory) ends in one sentence on stderr and exit
 code 2; an interrupt ends in exit code 130 (SIGINT) or 143 (SIGTERM) with no partial
@@ -13,12 +13,17 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import KANTumorSegError, is_out_of_memory
 
+if TYPE_CHECKING:
+    from .pipeline import SegmentResult
+
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
+MODALITY_OPTIONS = ("t1", "t1ce", "t2", "flair")
 
 
 class Interrupted(BaseException):
@@ -70,11 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kantumorseg {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    segment = commands.add_parser("segment", help="segment the brain tumour of one case")
-    segment.add_argument("case_dir", nargs="?", type=Path,
-                         help="folder with the four modalities named as in BraTS (_t1, _t1ce, _t2, _flair or -t1n, -t1c, -t2w, -t2f)")
+    segment = commands.add_parser("segment", help="segment the brain tumour of one case, or of several in one process")
+    segment.add_argument("case_dir", nargs="*", type=Path,
+                         help="folder with the four modalities named as in BraTS (_t1, _t1ce, _t2, _flair or -t1n, -t1c, -t2w, -t2f); "
+                              "several folders are segmented one after the other into the same -o folder")
     segment.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
-    for modality in ("t1", "t1ce", "t2", "flair"):
+    for modality in MODALITY_OPTIONS:
         segment.add_argument(f"--{modality}", type=Path, help=f"the {modality.upper()} image (overrides the case folder)")
     segment.add_argument("--case-name", help="name used for the output files (default: from the T1ce file name)")
     segment.add_argument("--model", type=Path, default=default_model_path(), help="weights file (.safetensors, with its .json card)")
@@ -96,38 +102,99 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_segment(args: argparse.Namespace) -> int:
+def plan_cases(args: argparse.Namespace) -> list[tuple[dict[str, Path], str]]:
+    """(modality files, case name) of every case to segment, all checked first.
+
+    A cohort is checked as a whole before any case runs, so that a missing file, two folders
+    with one case name or an existing output in case 40 does not show after 39 cases.
+    """
     from .case_files import case_name, find_modalities
+    from .outputs import output_names
+
+    explicit = {m: getattr(args, m) for m in MODALITY_OPTIONS}
+    folders: list[Path | None] = list(args.case_dir)
+    if not folders and not all(explicit.values()):
+        raise KANTumorSegError("Give a case folder, or all four of --t1 --t1ce --t2 --flair.")
+    if len(folders) > 1 and (args.case_name is not None or any(explicit.values())):
+        raise KANTumorSegError(f"--case-name and --t1/--t1ce/--t2/--flair name the files of one case; "
+                               f"give one case folder with them, not {len(folders)}.")
+    if args.batch_size < 1:
+        raise KANTumorSegError("--batch-size must be at least 1.")
+    cases: list[tuple[dict[str, Path], str]] = []
+    folder_of: dict[str, Path | None] = {}
+    for folder in folders or [None]:
+        paths = find_modalities(folder, explicit)
+        case = args.case_name or case_name(paths)
+        # The case name becomes file names inside -o: a path in it would write elsewhere.
+        if args.case_name is not None and (Path(case).name != case or case in ("", ".", "..")):
+            raise KANTumorSegError(f"--case-name {case!r} must be a plain file name prefix, without folders.")
+        if case in folder_of:
+            # Both would write the same files in -o: the second would stop on, or replace, the first.
+            raise KANTumorSegError(f"Case folders {folder_of[case]} and {folder} both hold case {case}; "
+                                   "segment them into different -o folders.")
+        folder_of[case] = folder
+        cases.append((paths, case))
+    if not args.overwrite:
+        # segment_case refuses existing outputs too (AtomicOutputs, same sentence), but only
+        # when its case comes up.
+        for _, case in cases:
+            existing = [name for name in output_names(case).values() if (args.output / name).exists()]
+            if existing:
+                raise KANTumorSegError(f"{args.output / existing[0]} already exists; use --overwrite to replace it "
+                                       "or choose another -o folder.")
+    return cases
+
+
+def cohort_failure(error: KANTumorSegError, index: int, total: int, case: str, out_dir: Path) -> KANTumorSegError:
+    """The error of case ``index`` (1-based) of a cohort, saying which cases are complete."""
+    before = index - 1
+    if before == 0:
+        done = "no case was written"
+    else:
+        done = f"the {before} case{'s' if before > 1 else ''} before it {'are' if before > 1 else 'is'} complete in {out_dir}"
+    return KANTumorSegError(f"{str(error).rstrip('.')} (case {index} of {total}, {case}; {done}).")
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """Segment each case in the given order in this process: one import and start-up for all."""
     from .pipeline import segment_case
     from .progress import BarProgress, make_progress
 
-    if args.case_dir is None and not all(getattr(args, m) for m in ("t1", "t1ce", "t2", "flair")):
-        raise KANTumorSegError("Give a case folder, or all four of --t1 --t1ce --t2 --flair.")
-    if args.batch_size < 1:
-        raise KANTumorSegError("--batch-size must be at least 1.")
-    paths = find_modalities(args.case_dir, {m: getattr(args, m) for m in ("t1", "t1ce", "t2", "flair")})
-    case = args.case_name or case_name(paths)
-    # The case name becomes file names inside -o: a path in it would write elsewhere.
-    if args.case_name is not None and (Path(case).name != case or case in ("", ".", "..")):
-        raise KANTumorSegError(f"--case-name {case!r} must be a plain file name prefix, without folders.")
+    cases = plan_cases(args)
     progress = make_progress(args.progress)
-    try:
-        result = segment_case(paths, args.output, case, args.model, args.device, args.labels,
-                              args.overwrite, args.batch_size, progress, args.precision)
-    finally:
-        if isinstance(progress, BarProgress):
-            progress.end_line()
-    if args.progress == "jsonl":
-        print(json.dumps({"stage": "done", "case": case, "device": result.device, "precision": result.precision,
+    for index, (paths, case) in enumerate(cases, start=1):
+        if len(cases) > 1 and isinstance(progress, BarProgress):
+            print(f"Case {index}/{len(cases)}: {case}", file=sys.stderr, flush=True)
+        try:
+            result = segment_case(paths, args.output, case, args.model, args.device, args.labels,
+                                  args.overwrite, args.batch_size, progress, args.precision)
+        except KANTumorSegError as error:
+            if len(cases) == 1:
+                raise
+            # The earlier cases are whole on disk and this one left nothing (segment_case
+            # stages its files): the user must know where the cohort stopped.
+            raise cohort_failure(error, index, len(cases), case, args.output) from error
+        finally:
+            if isinstance(progress, BarProgress):
+                progress.end_line()
+        print_result(result, args.progress)
+    return 0
+
+
+def print_result(result: SegmentResult, progress: str) -> None:
+    """One case's summary: the final JSON line for Slicer, or the volumes and files for people."""
+    if progress == "jsonl":
+        print(json.dumps({"stage": "done", "case": result.case, "device": result.device, "precision": result.precision,
                           "files": {k: str(v) for k, v in result.files.items()}}), flush=True)
     else:
-        print(f"Segmented {case} on {result.device} ({result.precision}). Volumes (mL):")
+        print(f"Segmented {result.case} on {result.device} ({result.precision}). Volumes (mL):")
         for row in result.volumes["regions"]:
             print(f"  {row['name']:<4} {row['volume_ml']:10.2f}  {row['description']}")
         print("Files:")
         for path in result.files.values():
             print(f"  {path}")
-    return 0
+        # Flushed per case: in a cohort each summary shows when its case is done.
+        sys.stdout.flush()
 
 
 def run_info(args: argparse.Namespace) -> int:
