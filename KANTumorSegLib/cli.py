@@ -56,13 +56,13 @@ def describe_failure(error: Exception, args: argparse.Namespace) -> tuple[str, i
         batch = getattr(args, "batch_size", None)
         hint = f"lower --batch-size (it was {batch}), " if batch and batch > 1 else ""
         return (f"kantumorseg: error: out of memory; {hint}close other programs or use a machine with more memory; "
-                "no output was written.", EXIT_USER_ERROR)
+                f"{written_so_far(args)}.", EXIT_USER_ERROR)
     if isinstance(error, OSError):
         # Disk full, permissions changed mid-run: the file and the reason, not a traceback.
         where = f" {error.filename}" if error.filename else ""
-        return (f"kantumorseg: error: could not read or write{where} ({error.strerror or error}); no output was written.",
+        return (f"kantumorseg: error: could not read or write{where} ({error.strerror or error}); {written_so_far(args)}.",
                 EXIT_USER_ERROR)
-    return (f"kantumorseg: internal error: {type(error).__name__}: {error}; no output was written. "
+    return (f"kantumorseg: internal error: {type(error).__name__}: {error}; {written_so_far(args)}. "
             "This is a bug: please report it with the output of the same command run with --debug.", EXIT_BUG)
 
 
@@ -109,7 +109,7 @@ def plan_cases(args: argparse.Namespace) -> list[tuple[dict[str, Path], str]]:
     with one case name or an existing output in case 40 does not show after 39 cases.
     """
     from .case_files import case_name, find_modalities
-    from .outputs import output_names
+    from .outputs import output_names, refuse_existing
 
     explicit = {m: getattr(args, m) for m in MODALITY_OPTIONS}
     folders: list[Path | None] = list(args.case_dir)
@@ -135,24 +135,27 @@ def plan_cases(args: argparse.Namespace) -> list[tuple[dict[str, Path], str]]:
         folder_of[case] = folder
         cases.append((paths, case))
     if not args.overwrite:
-        # segment_case refuses existing outputs too (AtomicOutputs, same sentence), but only
-        # when its case comes up.
+        # segment_case refuses existing outputs too, but only when its case comes up.
         for _, case in cases:
-            existing = [name for name in output_names(case).values() if (args.output / name).exists()]
-            if existing:
-                raise KANTumorSegError(f"{args.output / existing[0]} already exists; use --overwrite to replace it "
-                                       "or choose another -o folder.")
+            refuse_existing(args.output, output_names(case))
     return cases
 
 
-def cohort_failure(error: KANTumorSegError, index: int, total: int, case: str, out_dir: Path) -> KANTumorSegError:
+def written_so_far(args: argparse.Namespace) -> str:
+    """What a failed or interrupted run leaves on disk, for the end of its one-line message.
+
+    ``args.cases_done`` counts the complete cases of a cohort (set by run_segment); the case
+    that was running left nothing, since segment_case stages its files.
+    """
+    done = getattr(args, "cases_done", 0)
+    if not done:
+        return "no output was written"
+    return f"the {done} case{'s' if done > 1 else ''} before it {'are' if done > 1 else 'is'} complete in {args.output}"
+
+
+def cohort_failure(error: KANTumorSegError, index: int, total: int, case: str, args: argparse.Namespace) -> KANTumorSegError:
     """The error of case ``index`` (1-based) of a cohort, saying which cases are complete."""
-    before = index - 1
-    if before == 0:
-        done = "no case was written"
-    else:
-        done = f"the {before} case{'s' if before > 1 else ''} before it {'are' if before > 1 else 'is'} complete in {out_dir}"
-    return KANTumorSegError(f"{str(error).rstrip('.')} (case {index} of {total}, {case}; {done}).")
+    return KANTumorSegError(f"{str(error).rstrip('.')} (case {index} of {total}, {case}; {written_so_far(args)}).")
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -163,6 +166,7 @@ def run_segment(args: argparse.Namespace) -> int:
     cases = plan_cases(args)
     progress = make_progress(args.progress)
     for index, (paths, case) in enumerate(cases, start=1):
+        args.cases_done = index - 1
         if len(cases) > 1 and isinstance(progress, BarProgress):
             print(f"Case {index}/{len(cases)}: {case}", file=sys.stderr, flush=True)
         try:
@@ -173,7 +177,7 @@ def run_segment(args: argparse.Namespace) -> int:
                 raise
             # The earlier cases are whole on disk and this one left nothing (segment_case
             # stages its files): the user must know where the cohort stopped.
-            raise cohort_failure(error, index, len(cases), case, args.output) from error
+            raise cohort_failure(error, index, len(cases), case, args) from error
         finally:
             if isinstance(progress, BarProgress):
                 progress.end_line()
@@ -234,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr)
         return code
     except KeyboardInterrupt:
-        print("kantumorseg: interrupted; no output was written.", file=sys.stderr)
+        print(f"kantumorseg: interrupted; {written_so_far(args)}.", file=sys.stderr)
         return 130
     except Interrupted:
-        print("kantumorseg: terminated; no output was written.", file=sys.stderr)
+        print(f"kantumorseg: terminated; {written_so_far(args)}.", file=sys.stderr)
         return 143
     finally:
         for sig, handler in previous.items():

@@ -34,6 +34,13 @@ def output_names(case: str) -> dict[str, str]:
     }
 
 
+def refuse_existing(out_dir: Path, names: dict[str, str]) -> None:
+    """Refuse to run when any of these outputs already exists in ``out_dir`` (no --overwrite)."""
+    existing = [n for n in names.values() if (out_dir / n).exists()]
+    if existing:
+        raise KANTumorSegError(f"{out_dir / existing[0]} already exists; use --overwrite to replace it or choose another -o folder.")
+
+
 class AtomicOutputs:
     """A staging folder in ``out_dir`` whose files are moved into place on ``commit``."""
 
@@ -53,10 +60,7 @@ class AtomicOutputs:
         if not self.out_dir.is_dir():
             raise KANTumorSegError(f"Output path {self.out_dir} exists and is not a folder.")
         if not self.overwrite:
-            existing = [n for n in self.names.values() if (self.out_dir / n).exists()]
-            if existing:
-                raise KANTumorSegError(
-                    f"{self.out_dir / existing[0]} already exists; use --overwrite to replace it or choose another -o folder.")
+            refuse_existing(self.out_dir, self.names)
         try:
             self.staging = Path(tempfile.mkdtemp(prefix=".kantumorseg-", dir=self.out_dir))
         except OSError as error:

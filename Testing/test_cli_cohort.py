@@ -8,6 +8,7 @@ with a random-weights model of base width 4, so each run takes seconds on 2 CPU 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,31 @@ def test_options_of_one_case_are_refused_with_several_folders(cohort: dict[str, 
     assert error_lines(done) == ["kantumorseg: error: --case-name and --t1/--t1ce/--t2/--flair name the files of one "
                                  "case; give one case folder with them, not 2."]
     assert not out.exists()
+
+
+def test_sigterm_in_the_second_case_keeps_the_first_and_says_so(cohort: dict[str, Path], cropped_case: Path,
+                                                                tiny_model: Path, tmp_path: Path):
+    # The second case is the 30-slice crop at 2 slices a batch: many progress steps, so the
+    # signal lands while it is segmenting (as in test_interrupt.py).
+    second = tmp_path / "c"
+    second.mkdir()
+    for modality in MODALITIES:
+        (second / f"c_{modality}.nii.gz").symlink_to(cropped_case / f"crop_{modality}.nii.gz")
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "KANTumorSegLib", "segment", str(cohort["a"]), str(second), "-o", str(out),
+         "--model", str(tiny_model), "--device", "cpu", "--batch-size", "2", "--progress", "jsonl"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cases_done = 0
+    for line in process.stdout:
+        message = json.loads(line)
+        cases_done += message["stage"] == "done"
+        if cases_done == 1 and message["stage"] == "segment" and message["done"] < message["total"]:
+            break
+    else:
+        pytest.fail(f"the second case never reached its segment stage; stderr: {process.stderr.read()}")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 143, stderr
+    assert f"kantumorseg: terminated; the 1 case before it is complete in {out}." in stderr
+    assert sorted(p.name for p in out.iterdir()) == outputs("a")
