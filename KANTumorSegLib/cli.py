@@ -141,21 +141,31 @@ def plan_cases(args: argparse.Namespace) -> list[tuple[dict[str, Path], str]]:
     return cases
 
 
+def complete_cases(args: argparse.Namespace) -> str:
+    """The cases of a cohort that are complete on disk when case k fails or is interrupted."""
+    index, _, _ = args.cohort_position
+    if index == 1:
+        return "no case was written"
+    return f"the {index - 1} case{'s' if index > 2 else ''} before it {'are' if index > 2 else 'is'} complete in {args.output}"
+
+
 def written_so_far(args: argparse.Namespace) -> str:
     """What a failed or interrupted run leaves on disk, for the end of its one-line message.
 
-    ``args.cases_done`` counts the complete cases of a cohort (set by run_segment); the case
-    that was running left nothing, since segment_case stages its files.
+    ``args.cohort_position`` (case k, of N, its name) is set by run_segment; the case that
+    was running left nothing, since segment_case stages its files.
     """
-    done = getattr(args, "cases_done", 0)
-    if not done:
+    position = getattr(args, "cohort_position", None)
+    if position is None or position[1] == 1:
         return "no output was written"
-    return f"the {done} case{'s' if done > 1 else ''} before it {'are' if done > 1 else 'is'} complete in {args.output}"
+    index, total, case = position
+    return f"case {index} of {total} ({case}) left nothing, {complete_cases(args)}"
 
 
-def cohort_failure(error: KANTumorSegError, index: int, total: int, case: str, args: argparse.Namespace) -> KANTumorSegError:
-    """The error of case ``index`` (1-based) of a cohort, saying which cases are complete."""
-    return KANTumorSegError(f"{str(error).rstrip('.')} (case {index} of {total}, {case}; {written_so_far(args)}).")
+def cohort_failure(error: KANTumorSegError, args: argparse.Namespace) -> KANTumorSegError:
+    """The error of one case of a cohort, saying which case it was and which are complete."""
+    index, total, case = args.cohort_position
+    return KANTumorSegError(f"{str(error).rstrip('.')} (case {index} of {total}, {case}; {complete_cases(args)}).")
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -166,7 +176,7 @@ def run_segment(args: argparse.Namespace) -> int:
     cases = plan_cases(args)
     progress = make_progress(args.progress)
     for index, (paths, case) in enumerate(cases, start=1):
-        args.cases_done = index - 1
+        args.cohort_position = (index, len(cases), case)
         if len(cases) > 1 and isinstance(progress, BarProgress):
             print(f"Case {index}/{len(cases)}: {case}", file=sys.stderr, flush=True)
         try:
@@ -177,7 +187,7 @@ def run_segment(args: argparse.Namespace) -> int:
                 raise
             # The earlier cases are whole on disk and this one left nothing (segment_case
             # stages its files): the user must know where the cohort stopped.
-            raise cohort_failure(error, index, len(cases), case, args) from error
+            raise cohort_failure(error, args) from error
         finally:
             if isinstance(progress, BarProgress):
                 progress.end_line()

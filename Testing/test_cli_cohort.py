@@ -171,5 +171,5 @@ def test_sigterm_in_the_second_case_keeps_the_first_and_says_so(cohort: dict[str
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 143, stderr
-    assert f"kantumorseg: terminated; the 1 case before it is complete in {out}." in stderr
+    assert f"kantumorseg: terminated; case 2 of 2 (c) left nothing, the 1 case before it is complete in {out}." in stderr
     assert sorted(p.name for p in out.iterdir()) == outputs("a")
