@@ -251,6 +251,9 @@ def brain_of(volume: np.ndarray) -> np.ndarray:
 
 def segresnet_input(volume: np.ndarray) -> np.ndarray:
     """Auto3DSeg-style input: each modality z-scored over the brain, depth padded to a multiple of 8."""
+    # MONAI reads a case into arrays of its own; load_case's volume is a transposed view, on
+    # which the boolean gathers below took 0.34 s instead of 0.08 s (2 cores).
+    volume = np.ascontiguousarray(volume)
     brain = brain_of(volume)
     out = np.zeros_like(volume)
     for c in range(4):
