@@ -101,6 +101,18 @@ def volume_001(brats_case_001: Path) -> np.ndarray:
     return load_case(find_modalities(brats_case_001, {}))[0]
 
 
+def test_load_case_keeps_axial_slices_contiguous(volume_001: np.ndarray, brats_case_001: Path) -> None:
+    """load_case's (4, X, Y, Z) volume is a view of (4, Z, Y, X) memory (one copy of the files,
+    each axial slice four contiguous planes: docs/PERFORMANCE.md, session 3), and holds each
+    modality exactly as ITK reads it."""
+    import SimpleITK as sitk
+
+    assert volume_001.transpose(0, 3, 2, 1).flags.c_contiguous
+    for channel, modality in enumerate(("t1", "t1ce", "t2", "flair")):
+        image = sitk.ReadImage(str(brats_case_001 / f"BraTS20_Training_001_{modality}.nii.gz"), sitk.sitkFloat32)
+        np.testing.assert_array_equal(volume_001[channel], sitk.GetArrayViewFromImage(image).transpose(2, 1, 0))
+
+
 @pytest.mark.parametrize("crop_size", [224, 96])  # 96: a window smaller than the brain
 def test_preprocess_slice_is_the_formula_bit_for_bit(volume_001: np.ndarray, crop_size: int) -> None:
     """Every axial slice of BraTS20_Training_001, strided as segment_volume's callers pass them."""
