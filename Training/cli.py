@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="set for every run (repeatable)")
     report = commands.add_parser("report", help="tables and figures from finished runs")
     report.add_argument("runs", type=Path, help="folder of run directories")
-    report.add_argument("--figures", type=Path, default=Path("docs/figures"))
+    # No default folder: a report over other runs must not silently replace the committed figures.
+    report.add_argument("--figures", type=Path, default=None, help="write the PNG figures into this folder")
     report.add_argument("--tables", type=Path, default=None, help="write the markdown tables here")
     report.add_argument("--overlay-model", type=Path, default=None, help="weights file for Fig. 3")
     report.add_argument("--overlay-case", type=Path, default=None, help="BraTS case folder for Fig. 3")
@@ -97,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     from .report import overlay_figure, write_report
 
     def report() -> None:
+        overlay = args.overlay_model is not None and args.overlay_case is not None
+        if overlay and args.figures is None:
+            raise ValueError("--overlay-model and --overlay-case draw Fig. 3 into --figures; give that folder too.")
         write_report(args.runs, args.figures, args.tables)
-        if args.overlay_model is not None and args.overlay_case is not None:
+        if overlay:
             overlay_figure(args.overlay_model, args.overlay_case, args.figures / "fig3_overlay.png")
 
     return _run(report)

@@ -199,7 +199,7 @@ def equal_epoch_rows(cells: dict) -> list[list[str]]:
             for name, runs in sorted(cells.items())]
 
 
-def write_report(runs_root: Path, figures_dir: Path, tables: Path | None) -> None:
+def write_report(runs_root: Path, figures_dir: Path | None, tables: Path | None) -> None:
     cells = load_runs(runs_root)
     header = ["cell", "n", "seeds", "epochs", "val mean", "test WT", "test TC", "test ET", "test mean (slices)",
               "3D mean (2 cases)", "FP mL (tumour-free slices)"]
