@@ -2,13 +2,15 @@
 
 Every user error (and running out of memory) ends in one sentence on stderr and exit
 code 2; an interrupt ends in exit code 130 (SIGINT) or 143 (SIGTERM) with no partial
-output; a bug ends in exit code 1 with a one-line summary; ``--debug`` shows tracebacks.
+output (in a cohort, the cases finished before it stay complete, and the message says
+so); a bug ends in exit code 1 with a one-line summary; ``--debug`` shows tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import warnings
@@ -142,23 +144,28 @@ def plan_cases(args: argparse.Namespace) -> list[tuple[dict[str, Path], str]]:
 
 
 def complete_cases(args: argparse.Namespace) -> str:
-    """The cases of a cohort that are complete on disk when case k fails or is interrupted."""
-    index, _, _ = args.cohort_position
-    if index == 1:
+    """The cases on disk (``args.cases_complete``, counted by run_segment), for a message."""
+    done = getattr(args, "cases_complete", 0)
+    if done == 0:
         return "no case was written"
-    return f"the {index - 1} case{'s' if index > 2 else ''} before it {'are' if index > 2 else 'is'} complete in {args.output}"
+    return f"{done} case{'s' if done > 1 else ''} {'are' if done > 1 else 'is'} complete in {args.output}"
 
 
 def written_so_far(args: argparse.Namespace) -> str:
     """What a failed or interrupted run leaves on disk, for the end of its one-line message.
 
-    ``args.cohort_position`` (case k, of N, its name) is set by run_segment; the case that
-    was running left nothing, since segment_case stages its files.
+    ``args.cohort_position`` (case k, of N, its name) is set by run_segment when case k
+    starts. A case stopped inside segment_case leaves nothing (its files are staged); one
+    stopped after it (printing its summary) is complete.
     """
     position = getattr(args, "cohort_position", None)
-    if position is None or position[1] == 1:
+    if position is None:
         return "no output was written"
     index, total, case = position
+    if getattr(args, "cases_complete", 0) == index:
+        return f"its outputs are complete in {args.output}" if total == 1 else complete_cases(args)
+    if total == 1:
+        return "no output was written"
     return f"case {index} of {total} ({case}) left nothing, {complete_cases(args)}"
 
 
@@ -191,6 +198,7 @@ def run_segment(args: argparse.Namespace) -> int:
         finally:
             if isinstance(progress, BarProgress):
                 progress.end_line()
+        args.cases_complete = index
         print_result(result, args.progress)
     return 0
 
@@ -244,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             raise
+        if isinstance(error, BrokenPipeError):
+            # The reader of stdout went away (``| head``): point stdout at /dev/null so that
+            # Python's final flush does not fail again and replace the exit code (Python docs,
+            # "Note on SIGPIPE").
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         message, code = describe_failure(error, args)
         print(message, file=sys.stderr)
         return code

@@ -127,7 +127,7 @@ def test_a_corrupt_second_case_keeps_the_first_and_says_where_it_stopped(cohort:
     assert len(error_lines(done)) == 1, done.stderr
     message = error_lines(done)[0]
     assert message.startswith(f"kantumorseg: error: The T2 file {t2} is truncated or corrupt")
-    assert message.endswith(f"(case 2 of 2, b; the 1 case before it is complete in {out}).")
+    assert message.endswith(f"(case 2 of 2, b; 1 case is complete in {out}).")
     # The first case is whole (its "done" line lists its five files), the second left nothing.
     finals = [json.loads(line) for line in done.stdout.splitlines() if '"done"' in line and '"case"' in line]
     assert [final["case"] for final in finals] == ["a"]
@@ -171,5 +171,23 @@ def test_sigterm_in_the_second_case_keeps_the_first_and_says_so(cohort: dict[str
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 143, stderr
-    assert f"kantumorseg: terminated; case 2 of 2 (c) left nothing, the 1 case before it is complete in {out}." in stderr
+    assert f"kantumorseg: terminated; case 2 of 2 (c) left nothing, 1 case is complete in {out}." in stderr
     assert sorted(p.name for p in out.iterdir()) == outputs("a")
+
+
+def test_a_closed_stdout_is_reported_with_the_cases_really_complete(cohort: dict[str, Path], tiny_model: Path,
+                                                                     tmp_path: Path):
+    # `| head -1` closes the pipe after the first summary line, so a later summary fails to
+    # print after its case's files were written (in case a or b, depending on stdout's
+    # buffering): the message must count exactly the cases on disk, never "left nothing".
+    out, errors = tmp_path / "out", tmp_path / "stderr.txt"
+    command = (f"{sys.executable} -m KANTumorSegLib segment {cohort['a']} {cohort['b']} -o {out} --model {tiny_model} "
+               f"--device cpu --progress none 2> {errors} | head -1; exit ${{PIPESTATUS[0]}}")
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=240)
+    assert done.stdout.startswith("Segmented a on cpu")
+    assert done.returncode == 2, errors.read_text()
+    on_disk = [case for case in ("a", "b") if all((out / name).exists() for name in outputs(case))]
+    assert sorted(p.name for p in out.iterdir()) == sorted(sum((outputs(case) for case in on_disk), []))
+    complete = "1 case is complete" if len(on_disk) == 1 else "2 cases are complete"
+    assert errors.read_text().splitlines() == [
+        f"kantumorseg: error: could not read or write (Broken pipe); {complete} in {out}."]
