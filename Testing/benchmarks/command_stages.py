@@ -43,11 +43,13 @@ def stage_times(case: str, model: Path, device: str, batch: int, precision: str)
         segment_case({m: files[m] for m in ("t1", "t1ce", "t2", "flair")}, Path(work) / "out", case, model,
                      device=device, batch_size=batch, progress=progress, precision=precision)
         end = time.perf_counter()
-    times: dict[str, float] = {"model load": marks[0][0] - start}
+    # segment_case checks the output folder and the model card before its first report, and
+    # loads the model between the last "read" report and the first "preprocess" one.
+    times: dict[str, float] = {"output folder and card check": marks[0][0] - start}
     previous = marks[0][0]
     for when, stage, done in marks[1:]:
         # The write stage reports once per file; the others accumulate per slice.
-        key = f"write {done}" if stage == "write" else stage
+        key = {"write": f"write {done}", "preprocess": "model load + preprocess"}.get(stage, stage)
         times[key] = times.get(key, 0.0) + when - previous
         previous = when
     times["after the last report"] = end - previous
