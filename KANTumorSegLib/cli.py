@@ -132,6 +132,8 @@ def plan_cases(args: argparse.Namespace) -> list[tuple[dict[str, Path], str]]:
             raise KANTumorSegError(f"--case-name {case!r} must be a plain file name prefix, without folders.")
         if case in folder_of:
             # Both would write the same files in -o: the second would stop on, or replace, the first.
+            if folder_of[case] == folder:
+                raise KANTumorSegError(f"Case folder {folder} is given twice.")
             raise KANTumorSegError(f"Case folders {folder_of[case]} and {folder} both hold case {case}; "
                                    "segment them into different -o folders.")
         folder_of[case] = folder

@@ -104,6 +104,14 @@ def test_two_folders_with_one_case_name_are_refused(cohort: dict[str, Path], tin
     assert not out.exists()
 
 
+def test_one_folder_given_twice_is_refused(cohort: dict[str, Path], tiny_model: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    done = segment(cohort["a"], cohort["a"], "-o", out, "--model", tiny_model, "--device", "cpu")
+    assert done.returncode == 2
+    assert error_lines(done) == [f"kantumorseg: error: Case folder {cohort['a']} is given twice."]
+    assert not out.exists()
+
+
 def test_existing_output_of_the_second_case_is_refused_before_the_first_runs(cohort: dict[str, Path],
                                                                             tiny_model: Path, tmp_path: Path):
     out = tmp_path / "out"
