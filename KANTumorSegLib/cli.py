@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="segment the brain tumour of one case, or of several in one process")
     segment.add_argument("case_dir", nargs="*", type=Path,
                          help="folder with the four modalities named as in BraTS (_t1, _t1ce, _t2, _flair or -t1n, -t1c, -t2w, -t2f); "
-                              "several folders are segmented one after the other into the same -o folder")
+                              "several folders (given together, before or after the options) are segmented one after the "
+                              "other into the same -o folder")
     segment.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
     for modality in MODALITY_OPTIONS:
         segment.add_argument(f"--{modality}", type=Path, help=f"the {modality.upper()} image (overrides the case folder)")
