@@ -199,3 +199,25 @@ def test_a_closed_stdout_is_reported_with_the_cases_really_complete(cohort: dict
     complete = "1 case is complete" if len(on_disk) == 1 else "2 cases are complete"
     assert errors.read_text().splitlines() == [
         f"kantumorseg: error: could not read or write (Broken pipe); {complete} in {out}."]
+
+
+def test_failure_messages_outside_segment_case_errors_count_the_complete_cases(tmp_path: Path) -> None:
+    # Out of memory, a disk error or a bug in case 3 of 4, after 2 complete cases: the messages
+    # describe_failure builds (real code; the errors are constructed, as a real OOM cannot be
+    # provoked here on demand).
+    from argparse import Namespace
+
+    from KANTumorSegLib.cli import describe_failure
+
+    args = Namespace(batch_size=16, output=tmp_path, cohort_position=(3, 4, "c"), cases_complete=2)
+    tail = f"case 3 of 4 (c) left nothing, 2 cases are complete in {tmp_path}."
+    oom, code = describe_failure(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), args)
+    assert code == 2 and oom.endswith(tail) and "lower --batch-size (it was 16)" in oom
+    disk, code = describe_failure(OSError(28, "No space left on device", str(tmp_path / "c_seg.nii.gz")), args)
+    assert code == 2 and disk == (f"kantumorseg: error: could not read or write {tmp_path / 'c_seg.nii.gz'} "
+                                  f"(No space left on device); {tail}")
+    bug, code = describe_failure(ValueError("bad"), args)
+    assert code == 1 and bug.startswith(f"kantumorseg: internal error: ValueError: bad; {tail[:-1]}. This is a bug")
+    single = Namespace(batch_size=16, output=tmp_path, cohort_position=(1, 1, "a"), cases_complete=0)
+    assert describe_failure(ValueError("bad"), single)[0].startswith("kantumorseg: internal error: ValueError: bad; "
+                                                                     "no output was written.")
