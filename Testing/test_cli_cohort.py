@@ -80,6 +80,11 @@ def test_two_cases_in_one_call_match_each_case_alone(cohort: dict[str, Path], mi
         in_cohort, by_itself = labels(out / f"{case}_seg.nii.gz"), labels(alone / f"{case}_seg.nii.gz")
         assert in_cohort.dtype == by_itself.dtype and in_cohort.tobytes() == by_itself.tobytes()
         assert len(np.unique(in_cohort)) > 2
+        # The summary names the separate parts of the whole tumour exactly when there are several.
+        parts = json.loads((out / f"{case}_volumes.json").read_text())["whole_tumour_parts"]
+        line = (f"  WT is in {parts['count']} separate parts: the largest {parts['largest_ml']:.2f} mL, the other "
+                f"{parts['count'] - 1} together {parts['others_ml']:.2f} mL")
+        assert (line in done.stdout) == (parts["count"] > 1)
     # The two cases hold different slices, so equal labelmaps would mean one case's result reused.
     assert labels(out / "a_seg.nii.gz").tobytes() != labels(out / "b_seg.nii.gz").tobytes()
 

@@ -121,6 +121,47 @@ def test_volumes_equal_voxel_counts_times_voxel_volume(runs):
     assert report["reference"] == "t1ce" and report["case"] == "crop"
 
 
+def test_whole_tumour_parts_match_an_independent_labelling(runs, brats_case_001: Path):
+    """The separate WT parts against scipy's 26-connected labelling: of the expert segmentation
+    of BraTS20_Training_001 (several parts), and of the labelmap a run wrote, as volumes.json
+    reports them."""
+    from scipy import ndimage
+
+    from KANTumorSegLib.measurements import whole_tumour_parts
+
+    def independent(array: np.ndarray, voxel_ml: float) -> dict:
+        components, count = ndimage.label(array > 0, structure=np.ones((3, 3, 3)))
+        sizes = np.sort(np.bincount(components.ravel())[1:])[::-1]
+        return {"count": count, "largest_ml": round(float(sizes[0]) * voxel_ml, 4),
+                "others_ml": round(float(sizes[1:].sum()) * voxel_ml, 4),
+                "largest_parts_ml": [round(float(v) * voxel_ml, 4) for v in sizes[:10]]}
+
+    expert = sitk.GetArrayFromImage(sitk.ReadImage(str(brats_case_001 / "BraTS20_Training_001_seg.nii.gz")))
+    expected = independent(expert, 0.001)
+    assert expected["count"] > 1
+    assert whole_tumour_parts(expert, 0.001) == expected
+
+    result, _ = runs["brats2020"]
+    labelmap = sitk.ReadImage(str(result.files["labelmap"]))
+    written = json.loads(result.files["volumes_json"].read_text())["whole_tumour_parts"]
+    assert written == independent(sitk.GetArrayFromImage(labelmap), float(np.prod(labelmap.GetSpacing())) / 1000)
+
+
+def test_whole_tumour_parts_hand_counted() -> None:
+    """A 3x3x3 enhancing cube, an edema voxel touching it only at a corner (26-connected: the
+    same part) and a far edema voxel (its own part); then no tumour at all."""
+    from KANTumorSegLib.measurements import whole_tumour_parts
+
+    labels = np.zeros((20, 20, 20), dtype=np.uint8)
+    labels[2:5, 2:5, 2:5] = 4
+    labels[5, 5, 5] = 2
+    labels[15, 15, 15] = 2
+    assert whole_tumour_parts(labels, 0.002) == {"count": 2, "largest_ml": 0.056, "others_ml": 0.002,
+                                                  "largest_parts_ml": [0.056, 0.002]}
+    assert whole_tumour_parts(np.zeros((4, 4, 4), dtype=np.uint8), 0.001) == {
+        "count": 0, "largest_ml": 0.0, "others_ml": 0.0, "largest_parts_ml": []}
+
+
 def test_overview_png_is_readable_with_five_panels(runs):
     result, paths = runs["brats2020"]
     png = sitk.ReadImage(str(result.files["overview"]))
