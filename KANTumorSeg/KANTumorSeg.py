@@ -7,6 +7,7 @@ but Slicer, Qt, VTK and the standard library is imported at file scope: torch an
 library's numerical modules are loaded by the child process or inside functions.
 """
 
+import json
 import logging
 import os
 import queue
@@ -342,6 +343,8 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = 1000
             self.ui.progressBar.setFormat(_("Done in {seconds:.0f} s").format(seconds=task.elapsed))
             self.addLog(_("Segmentation finished in {seconds:.1f} s.").format(seconds=task.elapsed))
+            if task.partsNote:
+                self.addLog(task.partsNote)
         elif task.status == "cancelled":
             self.ui.progressBar.hide()
             self.addLog(_("Segmentation cancelled; nothing was written."))
@@ -381,7 +384,8 @@ class SegmentationTask:
     """One run of the command: its process, temporary folder, the lines it printed and its outcome.
 
     status: "running", then "completed", "failed" or "cancelled"; message: the user-facing
-    reason of a failure (the command's own ``kantumorseg: error:`` sentence when it gave one).
+    reason of a failure (the command's own ``kantumorseg: error:`` sentence when it gave one);
+    partsNote: the command's sentence on a whole tumour in several parts (None for one part).
     """
 
     def __init__(self, inputs, outputSegmentation, tempDir, addRegions, tableNode, progressCallback, logCallback, completedCallback):
@@ -401,6 +405,7 @@ class SegmentationTask:
         self.cancelRequested = False
         self.status = "running"
         self.message = ""
+        self.partsNote = None
         self.startTime = time.time()
         self.elapsed = 0.0
 
@@ -664,6 +669,10 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         studyItem = shNode.GetItemParent(shNode.GetItemByDataNode(reference))
         shNode.SetItemParent(shNode.GetItemByDataNode(segmentationNode), studyItem)
 
+        from KANTumorSegLib.measurements import parts_sentence
+
+        with open(task.files["volumes_json"], encoding="utf-8") as stream:
+            task.partsNote = parts_sentence(json.load(stream)["whole_tumour_parts"])
         if task.addRegions:
             self.addRegionSegments(segmentationNode, reference)
         segmentationNode.CreateClosedSurfaceRepresentation()

@@ -208,6 +208,8 @@ def run_segment(args: argparse.Namespace) -> int:
 
 def print_result(result: SegmentResult, progress: str) -> None:
     """One case's summary: the final JSON line for Slicer, or the volumes and files for people."""
+    from .measurements import parts_sentence
+
     if progress == "jsonl":
         print(json.dumps({"stage": "done", "case": result.case, "device": result.device, "precision": result.precision,
                           "files": {k: str(v) for k, v in result.files.items()}}), flush=True)
@@ -215,11 +217,9 @@ def print_result(result: SegmentResult, progress: str) -> None:
         print(f"Segmented {result.case} on {result.device} ({result.precision}). Volumes (mL):")
         for row in result.volumes["regions"]:
             print(f"  {row['name']:<4} {row['volume_ml']:10.2f}  {row['description']}")
-        parts = result.volumes["whole_tumour_parts"]
-        if parts["count"] > 1:
-            print(f"  WT is in {parts['count']} separate parts: the largest {parts['largest_ml']:.2f} mL, the other "
-                  f"{parts['count'] - 1} together {parts['others_ml']:.2f} mL (false positives or satellite lesions: "
-                  "check them in Segment Editor).")
+        note = parts_sentence(result.volumes["whole_tumour_parts"])
+        if note:
+            print(f"  {note}")
         print("Files:")
         for path in result.files.values():
             print(f"  {path}")

@@ -64,3 +64,13 @@ def volumes_csv(volumes: dict) -> str:
     lines += [f"{r['name']},{r['description'].replace(',', ' ')},{r['voxels']},{r['volume_ml']}"
               for r in volumes["regions"]]
     return "\n".join(lines) + "\n"
+
+
+def parts_sentence(parts: dict) -> str | None:
+    """The reviewer's pointer to a whole tumour in several parts (None for one part or none);
+    the command's summary and the Slicer module's log show the same sentence."""
+    if parts["count"] < 2:
+        return None
+    return (f"WT is in {parts['count']} separate parts: the largest {parts['largest_ml']:.2f} mL, the other "
+            f"{parts['count'] - 1} together {parts['others_ml']:.2f} mL (false positives or satellite lesions: "
+            "check them in Segment Editor).")

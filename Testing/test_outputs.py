@@ -150,7 +150,7 @@ def test_whole_tumour_parts_match_an_independent_labelling(runs, brats_case_001:
 def test_whole_tumour_parts_hand_counted() -> None:
     """A 3x3x3 enhancing cube, an edema voxel touching it only at a corner (26-connected: the
     same part) and a far edema voxel (its own part); then no tumour at all."""
-    from KANTumorSegLib.measurements import whole_tumour_parts
+    from KANTumorSegLib.measurements import parts_sentence, whole_tumour_parts
 
     labels = np.zeros((20, 20, 20), dtype=np.uint8)
     labels[2:5, 2:5, 2:5] = 4
@@ -160,6 +160,11 @@ def test_whole_tumour_parts_hand_counted() -> None:
                                                   "largest_parts_ml": [0.056, 0.002]}
     assert whole_tumour_parts(np.zeros((4, 4, 4), dtype=np.uint8), 0.001) == {
         "count": 0, "largest_ml": 0.0, "others_ml": 0.0, "largest_parts_ml": []}
+    assert parts_sentence(whole_tumour_parts(labels, 0.002)) == (
+        "WT is in 2 separate parts: the largest 0.06 mL, the other 1 together 0.00 mL (false positives or satellite "
+        "lesions: check them in Segment Editor).")
+    labels[15, 15, 15] = 0
+    assert parts_sentence(whole_tumour_parts(labels, 0.002)) is None
 
 
 def test_overview_png_is_readable_with_five_panels(runs):

@@ -354,6 +354,12 @@ def test_process_waiting_imports_segments_table_and_removes_temporary_files(logi
     assert volumes_ml["WT"] == pytest.approx(volumes_ml["NCR"] + volumes_ml["ED"] + volumes_ml["ET"], abs=1e-3)
     assert volumes_ml["WT"] > 0
     assert not os.path.exists(task.tempDir)
+    # The log's pointer to separate tumour parts: the command's sentence for the imported segments.
+    from KANTumorSegLib.measurements import parts_sentence
+    from KANTumorSegLib.slicer_support import volume_rows
+
+    imported = volume_rows({k: masks[k] for k in ("NCR", "ED", "ET")}, volumes["t1ce"].image.GetSpacing()[::-1])
+    assert task.partsNote == parts_sentence(imported["whole_tumour_parts"])
 
     # "Update volumes" after an edit: erase the edema, as in Segment Editor.
     masks["ED"][:] = 0
