@@ -25,25 +25,19 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import brain_slices, model_alone_2d, read_volume, sync  # noqa: E402
+import benchmark  # noqa: E402
+from benchmark import brain_slices, model_alone_2d, read_volume, timed  # noqa: E402
 
 from KANTumorSegLib.labels import REGIONS, region_mask  # noqa: E402
 from KANTumorSegLib.unet import KANUNet2D, ModelConfig, decode_logits  # noqa: E402
 from KANTumorSegLib.weights import default_model_path, load_model  # noqa: E402
+from Training.metrics import dice  # noqa: E402
 
 
 def rate(run, n_slices: int, device: torch.device, repeats: int = 5) -> float:
-    """Slices per second: median of ``repeats`` timed calls after two untimed ones."""
-    for _ in range(2):
-        run()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return n_slices / float(np.median(times))
+    """Slices per second: the benchmark's own timing (median of ``repeats`` calls after its
+    untimed warm-up calls)."""
+    return n_slices / timed(run, device, repeats)[0]
 
 
 def labels_of(model, x: torch.Tensor, batch: int, head: str) -> np.ndarray:
@@ -53,12 +47,7 @@ def labels_of(model, x: torch.Tensor, batch: int, head: str) -> np.ndarray:
 
 
 def dice_against(reference: np.ndarray, labels: np.ndarray) -> str:
-    scores = []
-    for region in REGIONS:
-        a, b = region_mask(reference, region), region_mask(labels, region)
-        total = a.sum() + b.sum()
-        scores.append(1.0 if total == 0 else 2.0 * (a & b).sum() / total)
-    return " / ".join(f"{s:.4f}" for s in scores)
+    return " / ".join(f"{dice(region_mask(labels, r), region_mask(reference, r)):.4f}" for r in REGIONS)
 
 
 def compiled_row(model, x: torch.Tensor, n: int, head: str, reference: np.ndarray, device: torch.device,
@@ -88,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a quick check of the script)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
+    benchmark.WARMUP = 2  # GPU rows: the first calls also pick kernels and fill the allocator
     device = torch.device(args.device)
     model, card, config = load_model(default_model_path())
     inputs, _ = brain_slices(read_volume("BraTS20_Training_001")[0], config)
