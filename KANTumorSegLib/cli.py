@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
-MODALITY_OPTIONS = ("t1", "t1ce", "t2", "flair")
 
 
 class Interrupted(BaseException):
@@ -71,6 +70,7 @@ def describe_failure(error: Exception, args: argparse.Namespace) -> tuple[str, i
 def build_parser() -> argparse.ArgumentParser:
     from .inference import DEVICES, PRECISIONS
     from .labels import LABEL_CONVENTIONS
+    from .preprocessing import MODALITIES
     from .weights import default_model_path
 
     parser = argparse.ArgumentParser(prog="kantumorseg", description=__doc__.splitlines()[0])
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "several folders (given together, before or after the options) are segmented one after the "
                               "other into the same -o folder")
     segment.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
-    for modality in MODALITY_OPTIONS:
+    for modality in MODALITIES:
         segment.add_argument(f"--{modality}", type=Path, help=f"the {modality.upper()} image (overrides the case folder)")
     segment.add_argument("--case-name", help="name used for the output files (default: from the T1ce file name)")
     segment.add_argument("--model", type=Path, default=default_model_path(), help="weights file (.safetensors, with its .json card)")
@@ -113,8 +113,9 @@ def plan_cases(args: argparse.Namespace) -> list[tuple[dict[str, Path], str]]:
     """
     from .case_files import case_name, find_modalities
     from .outputs import output_names, refuse_existing
+    from .preprocessing import MODALITIES
 
-    explicit = {m: getattr(args, m) for m in MODALITY_OPTIONS}
+    explicit = {m: getattr(args, m) for m in MODALITIES}
     folders: list[Path | None] = list(args.case_dir)
     if not folders and not all(explicit.values()):
         raise KANTumorSegError("Give a case folder, or all four of --t1 --t1ce --t2 --flair.")
