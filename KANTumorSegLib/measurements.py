@@ -33,7 +33,6 @@ def tumour_volumes(labels: np.ndarray, spacing_mm: tuple[float, float, float]) -
              "volume_ml": round(counts[name] * voxel_ml, 4)}
             for name, description in VOLUME_ROWS
         ],
-        "whole_tumour_parts": whole_tumour_parts(labels, voxel_ml),
     }
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .measurements import tumour_volumes
+from .measurements import tumour_volumes, whole_tumour_parts
 from .progress import no_progress
 
 
@@ -63,7 +63,11 @@ def segment_case(
         progress("write", 1, steps)
         write_segmentation(outputs.path("segmentation"), reference_labels)
         progress("write", 2, steps)
-        volumes = tumour_volumes(sitk.GetArrayViewFromImage(reference_labels), reference_labels.GetSpacing())
+        written = sitk.GetArrayViewFromImage(reference_labels)
+        volumes = tumour_volumes(written, reference_labels.GetSpacing())
+        # Counted once, for this run's summary and volumes.json; the Slicer module's "Update
+        # volumes" after an edit needs only the volumes.
+        volumes["whole_tumour_parts"] = whole_tumour_parts(written, volumes["voxel_volume_ml"])
         metadata = {
             "case": case,
             "inputs": {m: str(p) for m, p in paths.items()},

@@ -326,16 +326,19 @@ def _table(task) -> dict[str, float]:
     return {table.GetCellText(row, 0): float(table.GetCellText(row, 2)) for row in range(table.GetNumberOfRows())}
 
 
-def test_process_waiting_imports_segments_table_and_removes_temporary_files(logic_module, cropped_case, mixed_model):
+def test_process_waiting_imports_segments_table_and_removes_temporary_files(logic_module, cropped_case):
+    # The shipped model: on this crop it leaves the whole tumour in several parts (5), so the
+    # run's note on separate parts must be there.
     from KANTumorSegLib.labels import SEGMENTS
+    from KANTumorSegLib.weights import default_model_path
 
     module, logic, standin, tmp = logic_module
     volumes = _volumes(cropped_case)
     output = _SegmentationNode("out")
     progress = []
     task = logic.process(volumes["t1"], volumes["t1ce"], volumes["t2"], volumes["flair"], output, device="cpu",
-                         waitForCompletion=True, progressCallback=lambda *step: progress.append(step), model=str(mixed_model),
-                         addRegions=True)
+                         waitForCompletion=True, progressCallback=lambda *step: progress.append(step),
+                         model=str(default_model_path()), addRegions=True)
     assert task.status == "completed", task.message
     assert [s.name for s in output.segmentation.segments.values()] == [s.name for s in SEGMENTS] + ["Whole tumour", "Tumour core"]
     assert output.reference_geometry_from is volumes["t1ce"] and output.surfaces
@@ -355,11 +358,12 @@ def test_process_waiting_imports_segments_table_and_removes_temporary_files(logi
     assert volumes_ml["WT"] > 0
     assert not os.path.exists(task.tempDir)
     # The log's pointer to separate tumour parts: the command's sentence for the imported segments.
-    from KANTumorSegLib.measurements import parts_sentence
-    from KANTumorSegLib.slicer_support import volume_rows
+    from KANTumorSegLib.measurements import parts_sentence, whole_tumour_parts
+    from KANTumorSegLib.slicer_support import compose_labels
 
-    imported = volume_rows({k: masks[k] for k in ("NCR", "ED", "ET")}, volumes["t1ce"].image.GetSpacing()[::-1])
-    assert task.partsNote == parts_sentence(imported["whole_tumour_parts"])
+    voxel_ml = float(np.prod(volumes["t1ce"].image.GetSpacing())) / 1000
+    imported = compose_labels({k: masks[k] for k in ("NCR", "ED", "ET")})
+    assert task.partsNote is not None and task.partsNote == parts_sentence(whole_tumour_parts(imported, voxel_ml))
 
     # "Update volumes" after an edit: erase the edema, as in Segment Editor.
     masks["ED"][:] = 0
