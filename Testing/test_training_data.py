@@ -107,3 +107,16 @@ def test_split_has_no_patient_on_two_sides(hdf5_set: SliceSet, seed: int):
 def test_pick_patients_keeps_patients_whole(hdf5_set: SliceSet):
     chosen = pick_patients(hdf5_set.patients, 50, random.Random(1))
     assert int(np.isin(hdf5_set.patients, sorted(chosen)).sum()) == 50
+
+
+def test_split_seed_fixes_the_validation_patients_across_run_seeds(brats_samples: Path, tmp_path: Path):
+    from Training.config import DEFAULTS, merge
+    from Training.train import load_datasets
+
+    def split(seed: int, split_seed: int | None) -> dict:
+        config = merge(DEFAULTS, {"seed": seed, "data": {"root": str(brats_samples), "cache": str(tmp_path),
+                                                          "train_case": "", "split_seed": split_seed}})
+        return load_datasets(config, None)[2]
+
+    assert split(1, 0)["val"] == split(0, None)["val"] and split(1, 0)["train"] == split(0, None)["train"]
+    assert split(1, None)["val"] != split(0, None)["val"]

@@ -175,18 +175,19 @@ def load_datasets(config: dict, run_dir: Path | None):
     data = config["data"]
     pre = PreprocessingConfig.from_dict(config["preprocessing"])
     root, cache = Path(data["root"]), Path(data["cache"])
+    split_seed = config["seed"] if data["split_seed"] is None else data["split_seed"]
     hdf5 = load_hdf5(root, cache, pre)
     case = load_case(root, cache, data["train_case"], pre) if data["train_case"] else None
     if data["pool"] == "grid":
         extra = case.subset(np.nonzero(case.has_tumour)[0]) if case is not None else None
-        split = make_split(hdf5, extra, data["n_train"], data["n_val"], config["seed"])
+        split = make_split(hdf5, extra, data["n_train"], data["n_val"], split_seed)
     elif data["pool"] == "all":
         import random
 
-        val_patients = pick_patients(hdf5.patients, data["n_val"], random.Random(config["seed"]))
+        val_patients = pick_patients(hdf5.patients, data["n_val"], random.Random(split_seed))
         keys = [[str(s.sources[i]), str(s.patients[i]), int(s.z[i])] for s in ([hdf5] + ([case] if case else []))
                 for i in range(len(s))]
-        split = {"seed": config["seed"], "val": [k for k in keys if k[0] == "hdf5" and k[1] in val_patients],
+        split = {"seed": split_seed, "val": [k for k in keys if k[0] == "hdf5" and k[1] in val_patients],
                  "train": [k for k in keys if not (k[0] == "hdf5" and k[1] in val_patients)]}
         split["n_train"], split["n_val"] = len(split["train"]), len(split["val"])
     else:
