@@ -8,6 +8,8 @@ expanded channels.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -92,8 +94,19 @@ class FastKANConv2d(nn.Module):
         self.conv = nn.Conv2d(expanded, out_channels, kernel_size, padding=padding, bias=bias)
 
     def expand(self, x: torch.Tensor) -> torch.Tensor:
-        """The concatenated input of the fused convolution."""
+        """The concatenated input of the fused convolution.
+
+        Gaussian inference on CUDA runs one fused Triton kernel (``kan_triton``) where Triton is
+        installed; the environment variable ``KANTUMORSEG_TRITON=0`` (read at every call, so a
+        benchmark can time both in one process) keeps the eager ``_expand_channels_last``.
+        """
         if isinstance(self.basis, GaussianRBF) and not torch.is_grad_enabled():
+            if x.is_cuda and os.environ.get("KANTUMORSEG_TRITON") != "0":
+                from . import kan_triton  # here, not at the top: CPU installs never import Triton
+
+                if kan_triton.available():
+                    scale = self.basis.inv_width
+                    return kan_triton.expand_gaussian_channels_last(x, self.basis.centres * scale, scale)
             return self._expand_channels_last(x)
         return torch.cat([F.silu(x), self.basis(x)], dim=1)
 

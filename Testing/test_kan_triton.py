@@ -1,0 +1,85 @@
+"""The fused Triton Gaussian expansion against the layer's eager expansion, and the CPU fall back.
+
+The kernel tests need Triton and either a CUDA GPU or Triton's CPU interpreter; without them
+(CI, the CPU build of torch) they skip. To run them on a CPU:
+
+    pip install --no-deps --target /tmp/tritonsite triton
+    PYTHONPATH=/tmp/tritonsite TRITON_INTERPRET=1 pytest Testing/test_kan_triton.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from KANTumorSegLib.kan_layers import FastKANConv2d
+
+# Largest difference from the eager path: float32 rounding, and in 16-bit formats two units in
+# the last place near 1 (the eager path rounds each of its steps, the kernel only its result).
+TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 2 * 2**-7, torch.float16: 2 * 2**-10}
+
+
+def kernel_device() -> str:
+    """Where the kernel can run here, or skip: CUDA, or the CPU under TRITON_INTERPRET=1."""
+    pytest.importorskip("triton", reason="Triton is not installed (optional; the CUDA fast path only)")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    pytest.skip("the Triton kernel needs a CUDA GPU or TRITON_INTERPRET=1 (Triton's CPU interpreter)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape, grids, channels_last", [
+    ((3, 5, 7, 9), 2, False),   # C not a power of two, odd H and W, NCHW
+    ((3, 5, 7, 9), 2, True),    # the same, channels last (the library's layout)
+    ((2, 16, 5, 3), 4, True),   # the study's 4 grids
+    ((1, 4, 6, 6), 3, False),
+])
+def test_triton_expansion_equals_eager_expansion(shape, grids, channels_last, dtype):
+    from KANTumorSegLib.kan_triton import expand_gaussian_channels_last
+
+    device = kernel_device()
+    torch.manual_seed(0)
+    layer = FastKANConv2d(shape[1], 2, num_grids=grids).to(device)
+    # Real inputs of a layer (normalised MRI, BatchNorm + ReLU outputs) lie in about [-1.5, 1.5];
+    # a few large values check SiLU's tails and the Gaussians' underflow to 0.
+    x = torch.empty(shape, device=device).uniform_(-1.5, 1.5)
+    x.view(-1)[:4] = torch.tensor([-30.0, -4.0, 4.0, 30.0])
+    x = x.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    scale = layer.basis.inv_width
+    with torch.inference_mode():
+        expected = layer._expand_channels_last(x)
+        actual = expand_gaussian_channels_last(x, layer.basis.centres * scale, scale)
+    assert actual.shape == expected.shape == (shape[0], (1 + grids) * shape[1], *shape[2:])
+    assert actual.stride() == expected.stride() and actual.dtype == dtype
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=TOLERANCE[dtype])
+
+
+def test_layer_falls_back_to_the_eager_expansion_on_the_cpu(monkeypatch):
+    """On CPU tensors expand() never takes the Triton path, whatever the variable says; with or
+    without Triton installed, this runs everywhere."""
+    monkeypatch.setenv("KANTUMORSEG_TRITON", "1")
+    torch.manual_seed(0)
+    layer = FastKANConv2d(5, 3, num_grids=2).eval()
+    x = torch.empty(2, 5, 7, 9).uniform_(-1.5, 1.5).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expanded = layer.expand(x)
+        eager = layer._expand_channels_last(x)
+        silu = torch.nn.functional.silu(x)
+    torch.testing.assert_close(expanded, eager, rtol=0, atol=0)
+    torch.testing.assert_close(expanded[:, :5], silu, rtol=0, atol=0)  # SiLU channels first
+
+
+def test_kernel_is_unavailable_without_triton_or_cuda():
+    """The module imports on CPU-only installs (no Triton) and says the kernel cannot run."""
+    from KANTumorSegLib import kan_triton
+
+    if importlib.util.find_spec("triton") is not None and torch.cuda.is_available():
+        pytest.skip("Triton and CUDA are both here; the kernel tests above cover this machine")
+    assert not kan_triton.available()
