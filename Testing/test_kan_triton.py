@@ -17,9 +17,10 @@ import torch
 
 from KANTumorSegLib.kan_layers import FastKANConv2d
 
-# Largest difference from the eager path: float32 rounding, and in 16-bit formats two units in
-# the last place near 1 (the eager path rounds each of its steps, the kernel only its result).
-TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 2 * 2**-7, torch.float16: 2 * 2**-10}
+# (rtol, atol) against the eager path: a few float32 units in the last place (on CUDA Triton's
+# exp and sigmoid are the fast approximate ones), and in 16-bit formats a unit in the last place
+# plus two near 1 (the eager path rounds each of its steps, the kernel only its result).
+TOLERANCE = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (2**-7, 2**-6), torch.float16: (2**-10, 2**-9)}
 
 
 def kernel_device() -> str:
@@ -58,7 +59,8 @@ def test_triton_expansion_equals_eager_expansion(shape, grids, channels_last, dt
         actual = expand_gaussian_channels_last(x, layer.basis.centres * scale, scale)
     assert actual.shape == expected.shape == (shape[0], (1 + grids) * shape[1], *shape[2:])
     assert actual.stride() == expected.stride() and actual.dtype == dtype
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=TOLERANCE[dtype])
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
 
 
 def test_layer_falls_back_to_the_eager_expansion_on_the_cpu(monkeypatch):

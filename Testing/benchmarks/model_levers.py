@@ -3,7 +3,8 @@
 Issue 5 asks for the KAN forward pass at 3x the naive prototype's 930 slices/s and within 2x of
 the plain-Conv2d U-Net. This times the shipped model over BraTS20_Training_001's 135 brain crops
 the library's way (channels last, float32 with TF32 convolutions, batch 64) and with one lever
-changed at a time: larger batches, cuDNN's autotuner (``cudnn.benchmark``), and
+changed at a time: larger batches, cuDNN's autotuner (``cudnn.benchmark``), the fused Triton
+expansion (``KANTUMORSEG_TRITON=1``; every other row runs the eager expansion, ``=0``) and
 ``torch.compile`` (Inductor fuses the Gaussian expansion's pointwise work into one kernel). The
 first version of the layer (NCHW, concatenated expansion) and the plain U-Net of the same
 topology run in the same process as references. Every lever's labels are compared with the
@@ -14,6 +15,7 @@ library path's: Dice per region (WT, TC, ET) over the 135 slices.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark  # noqa: E402
 from benchmark import brain_slices, model_alone_2d, read_volume, timed  # noqa: E402
 
+from KANTumorSegLib import kan_triton  # noqa: E402
 from KANTumorSegLib.labels import REGIONS, region_mask  # noqa: E402
 from KANTumorSegLib.unet import KANUNet2D, ModelConfig, decode_logits  # noqa: E402
 from KANTumorSegLib.weights import default_model_path, load_model  # noqa: E402
@@ -70,6 +73,25 @@ def compiled_row(model, x: torch.Tensor, n: int, head: str, reference: np.ndarra
             dice_against(reference, compiled_labels))
 
 
+def triton_row(model, inputs: np.ndarray, x: torch.Tensor, head: str, reference: np.ndarray, device: torch.device,
+               repeats: int, eager: float) -> tuple[str, float, str]:
+    """The fused Triton expansion (KANTUMORSEG_TRITON=1) against the eager one (=0, the library
+    row's ``eager`` slices/s); a kernel failure becomes the row's note, not the end of the run."""
+    name = "Triton fused expansion (KANTUMORSEG_TRITON=1), batch 64"
+    if device.type != "cuda" or not kan_triton.available():
+        return name, float("nan"), "skipped: needs Triton and a CUDA GPU"
+    os.environ["KANTUMORSEG_TRITON"] = "1"  # FastKANConv2d.expand reads it at every call
+    try:
+        triton_labels = labels_of(model, x, 64, head)
+        run, _ = model_alone_2d(model, inputs, device, 64)
+        value = rate(run, len(inputs), device, repeats)
+    except Exception as error:  # noqa: BLE001 - Triton's compile and launch failures are many kinds
+        return name, float("nan"), f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    finally:
+        os.environ["KANTUMORSEG_TRITON"] = "0"
+    return f"{name}, x{value / eager:.2f} the eager expansion", value, dice_against(reference, triton_labels)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -79,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     benchmark.WARMUP = 2  # GPU rows: the first calls also pick kernels and fill the allocator
     device = torch.device(args.device)
+    os.environ["KANTUMORSEG_TRITON"] = "0"  # the eager expansion, except in the Triton row
     model, card, config = load_model(default_model_path())
     inputs, _ = brain_slices(read_volume("BraTS20_Training_001")[0], config)
     n = len(inputs)
@@ -90,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     run, _ = model_alone_2d(model, inputs, device, 64)
-    rows.append(("library path: channels last, float32/TF32, batch 64", rate(run, n, device, args.repeats), "reference"))
+    rows.append(("library path: channels last, float32/TF32, eager expansion, batch 64", rate(run, n, device, args.repeats),
+                 "reference"))
     library = model.to(device)
     reference = labels_of(library, x, 64, head)
+    rows.append(triton_row(library, inputs, x, head, reference, device, args.repeats, rows[0][1]))
     for batch in (128, 256):
         run, _ = model_alone_2d(model, inputs, device, batch)
         rows.append((f"batch {batch}", rate(run, n, device, args.repeats), dice_against(reference, labels_of(library, x, batch, head))))
