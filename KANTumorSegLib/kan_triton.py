@@ -36,7 +36,7 @@ if triton is not None:
     @triton.jit
     def _gaussian_expansion_kernel(x_ptr, centres_ptr, out_ptr, scale, pixels, height, width,
                                    stride_b, stride_c, stride_h, stride_w,
-                                   CHANNELS: tl.constexpr, GRIDS: tl.constexpr,
+                                   CHANNELS: tl.constexpr, GRIDS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """One tile of BLOCK_P pixels x all channels: read x once (any strides), write the
         pixels' 1 + GRIDS rows of CHANNELS values into the (pixels, 1 + GRIDS, CHANNELS) buffer."""
@@ -44,10 +44,13 @@ if triton is not None:
         p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
         c = tl.arange(0, BLOCK_C)
         mask = (p < pixels)[:, None] & (c < CHANNELS)[None, :]
-        w = p % width
-        h = (p // width) % height
-        b = p // (width * height)
-        source = (b * stride_b + h * stride_h + w * stride_w)[:, None] + (c * stride_c)[None, :]
+        if CHANNELS_LAST:  # the library's layout: pixel p's channels start at p * CHANNELS
+            source = (p * CHANNELS)[:, None] + c[None, :]
+        else:  # any other strides (NCHW): the slower integer divisions find b, h, w
+            w = p % width
+            h = (p // width) % height
+            b = p // (width * height)
+            source = (b * stride_b + h * stride_h + w * stride_w)[:, None] + (c * stride_c)[None, :]
         x = tl.load(x_ptr + source, mask=mask, other=0.0).to(tl.float32)
         target = out_ptr + (p * ((1 + GRIDS) * CHANNELS))[:, None] + c[None, :]
         tl.store(target, (x * tl.sigmoid(x)).to(out_ptr.dtype.element_ty), mask=mask)
@@ -72,5 +75,6 @@ def expand_gaussian_channels_last(x: torch.Tensor, centres_scaled: torch.Tensor,
     centres = centres_scaled.to(device=x.device, dtype=torch.float32).contiguous()
     _gaussian_expansion_kernel[(triton.cdiv(pixels, block_p),)](
         x, centres, out, float(scale), pixels, height, width, *x.stride(),
-        CHANNELS=channels, GRIDS=grids, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+        CHANNELS=channels, GRIDS=grids, CHANNELS_LAST=x.is_contiguous(memory_format=torch.channels_last),
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
     return out.view(batch, height, width, -1).permute(0, 3, 1, 2)

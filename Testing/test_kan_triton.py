@@ -34,13 +34,13 @@ def kernel_device() -> str:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape, grids, channels_last", [
-    ((3, 5, 7, 9), 2, False),   # C not a power of two, odd H and W, NCHW
-    ((3, 5, 7, 9), 2, True),    # the same, channels last (the library's layout)
-    ((2, 16, 5, 3), 4, True),   # the study's 4 grids
-    ((1, 4, 6, 6), 3, False),
+@pytest.mark.parametrize("shape, grids, layout", [
+    ((3, 5, 7, 9), 2, "nchw"),           # C not a power of two, odd H and W
+    ((3, 5, 7, 9), 2, "channels_last"),  # the same in the library's layout
+    ((2, 16, 5, 3), 4, "channels_last"), # the study's 4 grids
+    ((1, 4, 6, 6), 3, "view"),           # neither layout: a channel slice of a channels-last tensor
 ])
-def test_triton_expansion_equals_eager_expansion(shape, grids, channels_last, dtype):
+def test_triton_expansion_equals_eager_expansion(shape, grids, layout, dtype):
     from KANTumorSegLib.kan_triton import expand_gaussian_channels_last
 
     device = kernel_device()
@@ -48,11 +48,14 @@ def test_triton_expansion_equals_eager_expansion(shape, grids, channels_last, dt
     layer = FastKANConv2d(shape[1], 2, num_grids=grids).to(device)
     # Real inputs of a layer (normalised MRI, BatchNorm + ReLU outputs) lie in about [-1.5, 1.5];
     # a few large values check SiLU's tails and the Gaussians' underflow to 0.
-    x = torch.empty(shape, device=device).uniform_(-1.5, 1.5)
-    x.view(-1)[:4] = torch.tensor([-30.0, -4.0, 4.0, 30.0])
+    batch, channels, height, width = shape
+    x = torch.empty(batch, channels + 1, height, width, device=device).uniform_(-1.5, 1.5)
+    x[0, 1:5, 0, 0] = torch.tensor([-30.0, -4.0, 4.0, 30.0])
     x = x.to(dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "view":
+        x = x.contiguous(memory_format=torch.channels_last)[:, 1:]
+    else:
+        x = x[:, 1:].contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     scale = layer.basis.inv_width
     with torch.inference_mode():
         expected = layer._expand_channels_last(x)
