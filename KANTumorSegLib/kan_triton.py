@@ -11,6 +11,7 @@ Triton is optional: this module imports without it (the CPU build of torch has n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -73,8 +74,10 @@ def expand_gaussian_channels_last(x: torch.Tensor, centres_scaled: torch.Tensor,
     block_c = triton.next_power_of_2(channels)
     block_p = max(1, ELEMENTS_PER_PROGRAM // block_c)
     centres = centres_scaled.to(device=x.device, dtype=torch.float32).contiguous()
-    _gaussian_expansion_kernel[(triton.cdiv(pixels, block_p),)](
-        x, centres, out, float(scale), pixels, height, width, *x.stride(),
-        CHANNELS=channels, GRIDS=grids, CHANNELS_LAST=x.is_contiguous(memory_format=torch.channels_last),
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    # Triton launches on the current CUDA device: make it x's (CPU tensors: the interpreter).
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _gaussian_expansion_kernel[(triton.cdiv(pixels, block_p),)](
+            x, centres, out, float(scale), pixels, height, width, *x.stride(),
+            CHANNELS=channels, GRIDS=grids, CHANNELS_LAST=x.is_contiguous(memory_format=torch.channels_last),
+            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
     return out.view(batch, height, width, -1).permute(0, 3, 1, 2)

@@ -88,7 +88,8 @@ def device_times(prof, on_cuda: bool) -> list[tuple[str, list[str], float]]:
     if not on_cuda:
         return [(e.name, operator_stack(e), e.self_cpu_time_total) for e in events
                 if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
-    operators = {e.id: e for e in events if e.device_type == DeviceType.CPU}
+    # Operators and profiler ranges only: the CUDA runtime's CPU events number themselves apart.
+    operators = {e.id: e for e in events if e.device_type == DeviceType.CPU and not getattr(e, "linked_correlation_id", 0)}
     out = []
     for e in events:
         # Profiler ranges are drawn on the GPU's timeline too: they are spans, not kernels.
