@@ -6,13 +6,14 @@ the layer's input. This kernel reads x once and writes the expansion once, strai
 channels-last buffer the convolution wants: a memory-bound step done at the memory floor.
 
 Triton is optional: this module imports without it (the CPU build of torch has none) and
-``available()`` says whether the kernel can run. The layer calls it only on CUDA tensors.
+``available()`` says whether the kernel runs here. The layer calls it only on CUDA tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import torch
 
@@ -28,8 +29,18 @@ ELEMENTS_PER_PROGRAM = 2048
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernel can run here: Triton importable and a CUDA device present."""
-    return triton is not None and torch.cuda.is_available()
+    """Whether the kernel runs here: Triton importable, a CUDA device, and one tiny launch that
+    works (Triton builds its launcher with the system's C compiler, which a machine may lack:
+    then the layer keeps the eager expansion instead of failing)."""
+    if triton is None or not torch.cuda.is_available():
+        return False
+    try:
+        expand_gaussian_channels_last(torch.zeros(1, 1, 1, 1, device="cuda"), torch.zeros(1, device="cuda"), 1.0)
+    except Exception as error:  # noqa: BLE001 - compiler, driver and Triton failures are many kinds
+        warnings.warn(f"The fused Triton expansion does not run here ({type(error).__name__}: {str(error)[:80]}); "
+                      "using the eager one.", stacklevel=2)
+        return False
+    return True
 
 
 if triton is not None:

@@ -88,3 +88,21 @@ def test_kernel_is_unavailable_without_triton_or_cuda():
     if importlib.util.find_spec("triton") is not None and torch.cuda.is_available():
         pytest.skip("Triton and CUDA are both here; the kernel tests above cover this machine")
     assert not kan_triton.available()
+
+
+def test_kernel_that_cannot_launch_is_reported_unavailable(monkeypatch):
+    """Where Triton imports but its kernel cannot launch (here: a CPU build of torch told that
+    CUDA is there, the one stand-in in this file; on a GPU machine, a missing C compiler),
+    available() warns and says no, so the layer keeps the eager expansion."""
+    pytest.importorskip("triton", reason="Triton is not installed (optional; the CUDA fast path only)")
+    if torch.cuda.is_available():
+        pytest.skip("a real CUDA device is here; the launch would work")
+    from KANTumorSegLib import kan_triton
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    kan_triton.available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="does not run here"):
+            assert not kan_triton.available()
+    finally:
+        kan_triton.available.cache_clear()
