@@ -2,8 +2,9 @@
 
 ``FastKANConv2d._expand_channels_last`` builds [SiLU(x), exp(-(x*s - c_1*s)^2), ...] in several
 eager passes (SiLU, subtract, square, exp), each reading and writing a tensor (1 + grids) times
-the layer's input. This kernel reads x once and writes the expansion once, straight into the
-channels-last buffer the convolution wants: a memory-bound step done at the memory floor.
+the layer's input (about 21 x C values moved per pixel for 2 grids). This kernel reads x once
+and writes the expansion once (4 x C), straight into the channels-last buffer the convolution
+wants; the step is memory-bound, so its time should fall with its bytes.
 
 Triton is optional: this module imports without it (the CPU build of torch has none) and
 ``available()`` says whether the kernel runs here. The layer calls it only on CUDA tensors.
