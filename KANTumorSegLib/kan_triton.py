@@ -2,7 +2,7 @@
 
 ``FastKANConv2d._expand_channels_last`` builds [SiLU(x), exp(-(x*s - c_1*s)^2), ...] in several
 eager passes (SiLU, subtract, square, exp), each reading and writing a tensor (1 + grids) times
-the layer's input (about 21 x C values moved per pixel for 2 grids). This kernel reads x once
+the layer's input (about 19 x C values read or written per pixel for 2 grids). This kernel reads x once
 and writes the expansion once (4 x C), straight into the channels-last buffer the convolution
 wants; the step is memory-bound, so its time should fall with its bytes.
 
