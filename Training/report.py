@@ -69,28 +69,34 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+PAIRED_CELLS = [(f"kan_n{n}", f"plain_n{n}") for n in (50, 100, 150)] + [
+    ("kan_g2_n100", "plain_n100"), ("kan_g2_n100", "basicunet_n100")]
+"""(KAN cell, reference cell) pairs with the same n, seeds and splits: the study's KAN against
+plain Conv2d per n, and the 2-grid KAN (the grid-count ablation's best) against both controls."""
+
+
 def paired_tests(cells: dict) -> list[list[str]]:
-    """KAN against plain Conv2d per n: Wilcoxon signed-rank over the test slices (each
+    """Each pair of PAIRED_CELLS present: Wilcoxon signed-rank over the test slices (each
     slice's mean Dice averaged over the seeds) and a paired t-test over the seeds."""
     from scipy.stats import ttest_rel, wilcoxon
 
+    def slice_scores(runs):
+        per_run = [np.concatenate([c["slice_dice_mean"] for c in r["test"]["cases"].values()]) for r in runs]
+        return np.mean(per_run, axis=0)
+
+    def seed_scores(runs):
+        return [r["test"]["slices"]["dice_mean"] for r in sorted(runs, key=lambda r: r["config"]["seed"])]
+
     rows = []
-    for n in (50, 100, 150):
-        kan, plain = cells.get(f"kan_n{n}"), cells.get(f"plain_n{n}")
-        if not kan or not plain:
+    for kan_cell, reference_cell in PAIRED_CELLS:
+        kan, reference = cells.get(kan_cell), cells.get(reference_cell)
+        if not kan or not reference:
             continue
-
-        def slice_scores(runs):
-            per_run = [np.concatenate([c["slice_dice_mean"] for c in r["test"]["cases"].values()]) for r in runs]
-            return np.mean(per_run, axis=0)
-
-        a, b = slice_scores(kan), slice_scores(plain)
+        a, b = slice_scores(kan), slice_scores(reference)
         w = wilcoxon(a, b)
-        seeds_a = [r["test"]["slices"]["dice_mean"] for r in sorted(kan, key=lambda r: r["name"])]
-        seeds_b = [r["test"]["slices"]["dice_mean"] for r in sorted(plain, key=lambda r: r["name"])]
-        t = ttest_rel(seeds_a, seeds_b)
-        rows.append([str(n), f"{a.mean():.3f}", f"{b.mean():.3f}", f"{a.mean() - b.mean():+.3f}", str(len(a)),
-                     f"{w.pvalue:.2g}", f"{t.pvalue:.2g}"])
+        t = ttest_rel(seed_scores(kan), seed_scores(reference))
+        rows.append([kan_cell, reference_cell, f"{a.mean():.3f}", f"{b.mean():.3f}", f"{a.mean() - b.mean():+.3f}",
+                     str(len(a)), f"{w.pvalue:.2g}", f"{t.pvalue:.2g}"])
     return rows
 
 
@@ -208,7 +214,8 @@ def write_report(runs_root: Path, figures_dir: Path | None, tables: Path | None)
     text = "\n\n".join([
         markdown(header, main),
         markdown(["cell", "n", "NCR", "ED", "ET", "accuracy"], per_class),
-        markdown(["n", "KAN mean", "plain mean", "KAN - plain", "test slices", "Wilcoxon p (slices)", "paired t p (seeds)"],
+        markdown(["KAN cell", "against", "KAN mean", "their mean", "difference", "test slices", "Wilcoxon p (slices)",
+                  "paired t p (seeds)"],
                  paired_tests(cells)),
         markdown(["cell", "epochs", "best validation mean within them"], equal_epoch_rows(cells)),
     ])
