@@ -96,12 +96,15 @@ class FastKANConv2d(nn.Module):
     def expand(self, x: torch.Tensor) -> torch.Tensor:
         """The concatenated input of the fused convolution.
 
-        Gaussian inference on CUDA runs one fused Triton kernel (``kan_triton``) where Triton is
-        installed; the environment variable ``KANTUMORSEG_TRITON=0`` (read at every call, so a
-        benchmark can time both in one process) keeps the eager ``_expand_channels_last``.
+        With ``KANTUMORSEG_TRITON=1`` (read at every call, so a benchmark can time both paths in
+        one process), Gaussian inference on CUDA runs one fused Triton kernel (``kan_triton``)
+        where Triton is installed: 1.54x the model's rate on an H200. It is off by default
+        because importing Triton and loading its kernels adds about 2 s to every fresh process
+        (4.6 s on a first run that compiles them), while it saves 0.02 s per BraTS case: a
+        single-case command, what Slicer runs, is faster without it (docs/PERFORMANCE.md, G7).
         """
         if isinstance(self.basis, GaussianRBF) and not torch.is_grad_enabled():
-            if x.is_cuda and os.environ.get("KANTUMORSEG_TRITON") != "0":
+            if x.is_cuda and os.environ.get("KANTUMORSEG_TRITON") == "1":
                 from . import kan_triton  # here, not at the top: CPU installs never import Triton
 
                 if kan_triton.available():
