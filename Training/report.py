@@ -119,8 +119,8 @@ def three_panels(plt, path: Path, title: str, ylabel: str, panels: list[tuple[st
         ax.set_title(panel_title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)  # on every panel: a cell may exist at one n only (kan_g2 at n = 100)
     axes[0].set_ylabel(ylabel)
-    axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -136,8 +136,9 @@ def figures(cells: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     three_panels(plt, out / "fig4_mean_dice_per_epoch.png", "Fig. 4: validation mean Dice per epoch (mean of 3 seeds)",
                  "validation mean Dice (WT/TC/ET)",
-                 [(f"n = {n}", [(arch, colour, cells.get(f"{arch}_n{n}"), "val_dice_mean")
-                                for arch, colour in (("kan", "C0"), ("plain", "C1"), ("basicunet", "C2"))])
+                 [(f"n = {n}", [(arch.replace("_g2", ", 2 grids"), colour, cells.get(f"{arch}_n{n}"), "val_dice_mean")
+                                for arch, colour in (("kan", "C0"), ("kan_g2", "C3"), ("plain", "C1"),
+                                                     ("basicunet", "C2"))])
                   for n in (50, 100, 150)])
     three_panels(plt, out / "fig5_dice_per_region.png", "Fig. 5: KANU-Net validation Dice per region (mean of 3 seeds)",
                  "validation Dice",
