@@ -7,7 +7,9 @@ and writes the expansion once (4 x C), straight into the channels-last buffer th
 wants; the step is memory-bound, so its time should fall with its bytes.
 
 Triton is optional: this module imports without it (the CPU build of torch has none) and
-``available()`` says whether the kernel runs here. The layer calls it only on CUDA tensors.
+``available()`` says whether the kernel runs here. It is opt-in: ``FastKANConv2d.expand`` imports
+this module and calls it only for CUDA tensors in inference with ``KANTUMORSEG_TRITON=1`` set
+(importing Triton costs a fresh process about 2 s, more than it saves on one case).
 """
 
 from __future__ import annotations
