@@ -133,7 +133,7 @@ class FastKANConv2d(nn.Module):
         # exp(-d * d): addcmul squares and negates in one pass.
         torch.addcmul(torch.zeros((), dtype=x.dtype, device=x.device), spline, spline, value=-1, out=spline)
         spline.exp_()
-        return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
+        return out.view(batch, height, width, (1 + grids) * channels).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.expand(x))

@@ -94,4 +94,4 @@ def expand_gaussian_channels_last(x: torch.Tensor, centres_scaled: torch.Tensor,
             x, centres, out, float(scale), pixels, height, width, *x.stride(),
             CHANNELS=channels, GRIDS=grids, CHANNELS_LAST=x.is_contiguous(memory_format=torch.channels_last),
             BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
-    return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
+    return out.view(batch, height, width, (1 + grids) * channels).permute(0, 3, 1, 2)

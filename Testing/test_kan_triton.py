@@ -39,6 +39,7 @@ def kernel_device() -> str:
     ((3, 5, 7, 9), 2, "channels_last"),  # the same in the library's layout
     ((2, 16, 5, 3), 4, "channels_last"), # the study's 4 grids
     ((1, 4, 6, 6), 3, "view"),           # neither layout: a channel slice of a channels-last tensor
+    ((0, 5, 7, 9), 2, "channels_last"),  # an empty batch: no program, an empty expansion
 ])
 def test_triton_expansion_equals_eager_expansion(shape, grids, layout, dtype):
     from KANTumorSegLib.kan_triton import expand_gaussian_channels_last
@@ -50,7 +51,7 @@ def test_triton_expansion_equals_eager_expansion(shape, grids, layout, dtype):
     # a few large values check SiLU's tails and the Gaussians' underflow to 0.
     batch, channels, height, width = shape
     x = torch.empty(batch, channels + 1, height, width, device=device).uniform_(-1.5, 1.5)
-    x[0, 1:5, 0, 0] = torch.tensor([-30.0, -4.0, 4.0, 30.0])
+    x[:1, 1:5, :1, :1] = torch.tensor([-30.0, -4.0, 4.0, 30.0]).view(1, 4, 1, 1)
     x = x.to(dtype)
     if layout == "view":
         x = x.contiguous(memory_format=torch.channels_last)[:, 1:]
