@@ -35,11 +35,13 @@ def kernel_device() -> str:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape, grids, layout", [
-    ((3, 5, 7, 9), 2, "nchw"),           # C not a power of two, odd H and W
-    ((3, 5, 7, 9), 2, "channels_last"),  # the same in the library's layout
-    ((2, 16, 5, 3), 4, "channels_last"), # the study's 4 grids
-    ((1, 4, 6, 6), 3, "view"),           # neither layout: a channel slice of a channels-last tensor
-    ((0, 5, 7, 9), 2, "channels_last"),  # an empty batch: no program, an empty expansion
+    ((3, 5, 7, 9), 2, "nchw"),             # C not a power of two, odd H and W
+    ((3, 5, 7, 9), 2, "channels_last"),    # the same in the library's layout
+    ((2, 16, 5, 3), 4, "channels_last"),   # the study's 4 grids
+    ((1, 4, 6, 6), 3, "view"),             # neither layout: a channel slice of a channels-last tensor
+    ((2, 6, 33, 40), 2, "channels_last"),  # 11 programs of 256 pixels, the last one partly masked
+    ((2, 6, 33, 40), 2, "nchw"),           # the same through the general path's index arithmetic
+    ((0, 5, 7, 9), 2, "channels_last"),    # an empty batch: no program, an empty expansion
 ])
 def test_triton_expansion_equals_eager_expansion(shape, grids, layout, dtype):
     from KANTumorSegLib.kan_triton import expand_gaussian_channels_last
