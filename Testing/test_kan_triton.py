@@ -70,9 +70,19 @@ def test_triton_expansion_equals_eager_expansion(shape, grids, layout, dtype):
 
 
 def test_layer_falls_back_to_the_eager_expansion_on_the_cpu(monkeypatch):
-    """On CPU tensors expand() never takes the Triton path, whatever the variable says; with or
-    without Triton installed, this runs everywhere."""
+    """On CPU tensors expand() never takes the Triton path, even with KANTUMORSEG_TRITON=1 and a
+    kernel that says it runs. Stand-in: no CPU machine has a kernel that runs (available() needs
+    CUDA), so kan_triton is told it is available and its kernel fails the test if called; without
+    that, the eager result would come from available() saying no, not from the layer's CUDA check.
+    Runs with or without Triton installed."""
+    from KANTumorSegLib import kan_triton
+
+    def kernel_must_not_run(*args: object) -> torch.Tensor:
+        raise AssertionError("the Triton expansion ran on a CPU tensor")
+
     monkeypatch.setenv("KANTUMORSEG_TRITON", "1")
+    monkeypatch.setattr(kan_triton, "available", lambda: True)
+    monkeypatch.setattr(kan_triton, "expand_gaussian_channels_last", kernel_must_not_run)
     torch.manual_seed(0)
     layer = FastKANConv2d(5, 3, num_grids=2).eval()
     x = torch.empty(2, 5, 7, 9).uniform_(-1.5, 1.5).contiguous(memory_format=torch.channels_last)
@@ -94,9 +104,10 @@ def test_kernel_is_unavailable_without_triton_or_cuda():
 
 
 def test_kernel_that_cannot_launch_is_reported_unavailable(monkeypatch):
-    """Where Triton imports but its kernel cannot launch (here: a CPU build of torch told that
-    CUDA is there, the one stand-in in this file; on a GPU machine, a missing C compiler),
-    available() warns and says no, so the layer keeps the eager expansion."""
+    """Where Triton imports but its probe launch fails (on a GPU machine: a missing C compiler),
+    available() warns and says no, so the layer keeps the eager expansion. Stand-in: a CPU build
+    of torch told that CUDA is there, so the probe fails earlier, making its CUDA input; the
+    except branch and the warning are the same."""
     pytest.importorskip("triton", reason="Triton is not installed (optional; the CUDA fast path only)")
     if torch.cuda.is_available():
         pytest.skip("a real CUDA device is here; the launch would work")
