@@ -163,13 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     inputs, _ = brain_slices(read_volume("BraTS20_Training_001")[0], config)
     inputs = inputs[:args.slices]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    # Only on CUDA: available() launches a probe kernel, and the layer never uses Triton on the CPU.
+    triton_runs = device.type == "cuda" and kan_triton.available()
     print(f"# {name}, torch {torch.__version__}, {args.precision}, batch of {len(inputs)} slices of 224 x 224, "
-          f"{iterations} profiled forward passes; Triton expansion available: {kan_triton.available()}")
+          f"{iterations} profiled forward passes; Triton expansion available: {triton_runs}")
 
     plain = KANUNet2D(ModelConfig(base_width=card["model"]["base_width"], conv="plain", head=card["model"]["head"])).eval()
     shipped = f"shipped KANU-Net (width {card['model']['base_width']}, {card['model']['num_grids']} grids)"
     runs = [(f"{shipped}, eager expansion (KANTUMORSEG_TRITON=0)", model, "0")]
-    if kan_triton.available() and device.type == "cuda":
+    if triton_runs:
         runs.insert(0, (f"{shipped}, Triton expansion (KANTUMORSEG_TRITON=1)", model, "1"))
     runs.append(("plain Conv2d U-Net, same topology (random weights)", plain, "0"))
     before = os.environ.get("KANTUMORSEG_TRITON")
