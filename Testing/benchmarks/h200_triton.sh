@@ -24,6 +24,7 @@ fresh() {  # label, then environment assignments for the one command
     local status=$? end=$EPOCHREALTIME
     awk -v l="$label" -v s="$start" -v e="$end" -v x="$status" 'BEGIN { printf "| %s | %.2f | %s |\n", l, e - s, x }'
 }
+rm -rf /tmp/triton_empty  # the first Triton row compiles, even when this runs again on a warm machine
 {
     echo "| fresh process, BraTS20_Training_001 | seconds | exit |"; echo "|---|---|---|"
     fresh "Triton, empty kernel cache" KANTUMORSEG_TRITON=1 TRITON_CACHE_DIR=/tmp/triton_empty
