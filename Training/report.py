@@ -76,22 +76,26 @@ plain Conv2d per n, and the 2-grid KAN (the grid-count ablation's best) against 
 
 
 def paired_tests(cells: dict) -> list[list[str]]:
-    """Each pair of PAIRED_CELLS present: Wilcoxon signed-rank over the test slices (each
-    slice's mean Dice averaged over the seeds) and a paired t-test over the seeds."""
+    """Each pair of PAIRED_CELLS present, over the seeds both cells ran (a seed one cell lacks,
+    e.g. a run lost to a deadline, has no partner): Wilcoxon signed-rank over the test slices
+    (each slice's mean Dice averaged over those seeds) and a paired t-test over the seeds."""
     from scipy.stats import ttest_rel, wilcoxon
 
-    def slice_scores(runs):
+    def slice_scores(runs: list[dict]) -> np.ndarray:
         per_run = [np.concatenate([c["slice_dice_mean"] for c in r["test"]["cases"].values()]) for r in runs]
         return np.mean(per_run, axis=0)
 
-    def seed_scores(runs):
-        return [r["test"]["slices"]["dice_mean"] for r in sorted(runs, key=lambda r: r["config"]["seed"])]
+    def seed_scores(runs: list[dict]) -> list[float]:
+        return [r["test"]["slices"]["dice_mean"] for r in runs]
 
     rows = []
     for kan_cell, reference_cell in PAIRED_CELLS:
-        kan, reference = cells.get(kan_cell), cells.get(reference_cell)
-        if not kan or not reference:
+        kan_seeds = {r["config"]["seed"]: r for r in cells.get(kan_cell, [])}
+        reference_seeds = {r["config"]["seed"]: r for r in cells.get(reference_cell, [])}
+        seeds = sorted(kan_seeds.keys() & reference_seeds.keys())
+        if not seeds:
             continue
+        kan, reference = [kan_seeds[s] for s in seeds], [reference_seeds[s] for s in seeds]
         a, b = slice_scores(kan), slice_scores(reference)
         w = wilcoxon(a, b)
         t = ttest_rel(seed_scores(kan), seed_scores(reference))
