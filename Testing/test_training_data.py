@@ -33,8 +33,14 @@ def hdf5_index(brats_samples: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def hdf5_set(brats_samples: Path, tmp_path_factory) -> SliceSet:
-    return load_hdf5(brats_samples, tmp_path_factory.mktemp("cache"), PreprocessingConfig())
+def slice_cache(tmp_path_factory) -> Path:
+    """One slice cache for the module: the HDF5 set is preprocessed once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def hdf5_set(brats_samples: Path, slice_cache: Path) -> SliceSet:
+    return load_hdf5(brats_samples, slice_cache, PreprocessingConfig())
 
 
 def test_hdf5_reader_channel_order_and_labels(brats_samples: Path, hdf5_index: list[dict]):
@@ -109,13 +115,14 @@ def test_pick_patients_keeps_patients_whole(hdf5_set: SliceSet):
     assert int(np.isin(hdf5_set.patients, sorted(chosen)).sum()) == 50
 
 
-def test_split_seed_fixes_the_validation_patients_across_run_seeds(brats_samples: Path, tmp_path: Path):
+@pytest.mark.parametrize("pool", ["grid", "all"])  # the grid's splits; the shipped model's (ship5.yaml)
+def test_split_seed_fixes_the_validation_patients_across_run_seeds(brats_samples: Path, slice_cache: Path, pool: str):
     from Training.config import DEFAULTS, merge
     from Training.train import load_datasets
 
     def split(seed: int, split_seed: int | None) -> dict:
-        config = merge(DEFAULTS, {"seed": seed, "data": {"root": str(brats_samples), "cache": str(tmp_path),
-                                                          "train_case": "", "split_seed": split_seed}})
+        config = merge(DEFAULTS, {"seed": seed, "data": {"root": str(brats_samples), "cache": str(slice_cache),
+                                                          "train_case": "", "pool": pool, "split_seed": split_seed}})
         return load_datasets(config, None)[2]
 
     assert split(1, 0)["val"] == split(0, None)["val"] and split(1, 0)["train"] == split(0, None)["train"]
