@@ -43,7 +43,7 @@ def rate(run, n_slices: int, device: torch.device, repeats: int = 5) -> float:
     return n_slices / timed(run, device, repeats)[0]
 
 
-def labels_of(model, x: torch.Tensor, batch: int, head: str, dtype: torch.dtype = torch.float32) -> np.ndarray:
+def labels_of(model: torch.nn.Module, x: torch.Tensor, batch: int, head: str, dtype: torch.dtype = torch.float32) -> np.ndarray:
     with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
         return np.concatenate([decode_logits(model(x[s:s + batch]).float(), head).cpu().numpy()
                                for s in range(0, len(x), batch)])
@@ -53,7 +53,7 @@ def dice_against(reference: np.ndarray, labels: np.ndarray) -> str:
     return " / ".join(f"{dice(region_mask(labels, r), region_mask(reference, r)):.4f}" for r in REGIONS)
 
 
-def compiled_row(model, x: torch.Tensor, n: int, head: str, reference: np.ndarray, device: torch.device,
+def compiled_row(model: torch.nn.Module, x: torch.Tensor, n: int, head: str, reference: np.ndarray, device: torch.device,
                  repeats: int) -> tuple[str, float, str]:
     """The torch.compile row; a compiler failure becomes the row's note, not the end of the run."""
     started = time.perf_counter()
@@ -73,11 +73,10 @@ def compiled_row(model, x: torch.Tensor, n: int, head: str, reference: np.ndarra
             dice_against(reference, compiled_labels))
 
 
-def triton_row(model, inputs: np.ndarray, x: torch.Tensor, head: str, reference: np.ndarray, device: torch.device,
-               repeats: int, eager: float, precision: str = "float32") -> tuple[str, float, str]:
-    """The fused Triton expansion (KANTUMORSEG_TRITON=1, opt-in)
-    in ``precision`` against the eager float32 one (=0, ``eager`` slices/s); a kernel failure
-    becomes the row's note, not the end of the run."""
+def triton_row(model: torch.nn.Module, inputs: np.ndarray, x: torch.Tensor, head: str, reference: np.ndarray,
+               device: torch.device, repeats: int, eager: float, precision: str = "float32") -> tuple[str, float, str]:
+    """The fused Triton expansion (KANTUMORSEG_TRITON=1, opt-in) in ``precision`` against the eager
+    float32 one (=0, ``eager`` slices/s); a kernel failure becomes the row's note, not the end of the run."""
     name = f"Triton fused expansion (KANTUMORSEG_TRITON=1), {precision}, batch 64"
     if device.type != "cuda" or not kan_triton.available():
         return name, float("nan"), "skipped: needs Triton and a CUDA GPU"
