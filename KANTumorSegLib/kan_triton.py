@@ -35,7 +35,11 @@ def available() -> bool:
     """Whether the kernel runs here: Triton importable, a CUDA device, and one tiny launch that
     works (Triton builds its launcher with the system's C compiler, which a machine may lack:
     then the layer keeps the eager expansion instead of failing)."""
-    if triton is None or not torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        return False
+    if triton is None:
+        # Only asked for on a CUDA run with KANTUMORSEG_TRITON=1: say why the setting does nothing.
+        warnings.warn("KANTUMORSEG_TRITON=1, but Triton is not installed; using the eager expansion.", stacklevel=2)
         return False
     try:
         expand_gaussian_channels_last(torch.zeros(1, 1, 1, 1, device="cuda"), torch.zeros(1, device="cuda"), 1.0)
