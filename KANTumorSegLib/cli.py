@@ -1,4 +1,4 @@
-"""The ``kantumorseg`` command: ``segment`` a case (or a cohort in one process), or print ``info``.
+"""The ``kantumorseg`` command: ``segment`` a case (or a cohort in one process), print ``info``, or serve as a ``worker``.
 
 Every user error (and running out of memory) ends in one sentence on stderr and exit
 code 2; an interrupt ends in exit code 130 (SIGINT) or 143 (SIGTERM) with no partial
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .labels import LABEL_CONVENTIONS
     from .preprocessing import MODALITIES
     from .weights import default_model_path
+    from .worker import IDLE_TIMEOUT_S
 
     parser = argparse.ArgumentParser(prog="kantumorseg", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kantumorseg {__version__}")
@@ -98,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
                          help="bar on stderr, or one JSON line per step on stdout (for Slicer)")
     segment.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    worker = commands.add_parser("worker", help="run segment requests read from stdin, one JSON line each, in one "
+                                                "process (for the Slicer module; see KANTumorSegLib/worker.py)")
+    worker.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S,
+                        help="exit after this many seconds without a request, releasing its memory (0: never)")
+    worker.add_argument("--debug", action="store_true", help="show tracebacks")
 
     info = commands.add_parser("info", help="version, devices and the model card")
     info.add_argument("--model", type=Path, default=default_model_path())
@@ -252,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, handler) for sig, handler in
                 ((signal.SIGTERM, _on_sigterm), (signal.SIGINT, _on_sigint))}
     try:
+        if args.command == "worker":
+            from .worker import serve
+
+            return serve(args.idle_timeout)
         return run_segment(args) if args.command == "segment" else run_info(args)
     except KANTumorSegError as error:
         if args.debug:

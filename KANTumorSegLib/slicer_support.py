@@ -263,13 +263,14 @@ def terminology_entry(type_code: tuple[str, str, str]) -> str:
                      ANATOMIC_CONTEXT, "^".join(BRAIN), "^^"])
 
 
-def launch(command: Sequence[str], environ: Mapping[str, str], cwd: str | Path):
+def launch(command: Sequence[str], environ: Mapping[str, str], cwd: str | Path, stdin=None):
     """Start the command as slicer.util.launchConsoleProcess does (stdout and stderr merged,
     text lines, no console window on Windows), but in its own process group: PythonSlicer is
-    a launcher that starts the real Python as a child, so cancelling must reach both."""
+    a launcher that starts the real Python as a child, so cancelling must reach both.
+    ``stdin``: as subprocess.Popen's (``subprocess.PIPE`` for a worker)."""
     import subprocess
 
-    kwargs: dict = {"env": dict(environ), "cwd": str(cwd), "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT,
+    kwargs: dict = {"env": dict(environ), "cwd": str(cwd), "stdin": stdin, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT,
                     "universal_newlines": True, "encoding": "utf-8", "errors": "replace"}
     if os.name == "nt":
         info = subprocess.STARTUPINFO()
@@ -303,3 +304,169 @@ def terminate_tree(process, grace_s: float = 3.0) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+class WorkerError(RuntimeError):
+    """The worker cannot take a request (it did not start, does not answer, or is busy)."""
+
+
+IDLE_MARGIN_S = 5.0
+"""A worker this close to its idle timeout is replaced rather than sent a request that it
+might not read before it exits."""
+
+
+class Worker:
+    """A long-lived ``kantumorseg worker`` process (KANTumorSegLib/worker.py) that runs the
+    module's ``segment`` command lines one after another.
+
+    A fresh process per run pays for Python, the torch import and the GPU start-up every
+    time; the worker pays them once. Each run is the command line ``build_command`` makes,
+    without its ``python -m KANTumorSegLib`` head, and prints the command's own lines; it is
+    read through a WorkerRun until the worker's exit event. Started as ``launch`` starts the
+    command (same environment, folder, process group and merged output); ``stop`` ends it,
+    cancelling a run in progress.
+    """
+
+    def __init__(self, python: str | Path, environ: Mapping[str, str], cwd: str | Path | None = None,
+                 idle_timeout_s: float | None = None) -> None:
+        from .worker import IDLE_TIMEOUT_S
+
+        self.python = str(python)
+        self.environ = dict(environ)
+        self.cwd = Path(cwd) if cwd is not None else library_parent()
+        self.idle_timeout_s = IDLE_TIMEOUT_S if idle_timeout_s is None else idle_timeout_s
+        self.process = None
+        self.busy = False
+        self._last_used = 0.0
+
+    @property
+    def command(self) -> list[str]:
+        return [self.python, "-m", LIBRARY_PACKAGE, "worker", "--idle-timeout", str(self.idle_timeout_s)]
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start the process and check that it reads requests (a launcher that does not pass
+        its stdin on would leave every run waiting): WorkerError when no answer comes."""
+        import subprocess
+        import time
+
+        self.process = launch(self.command, self.environ, self.cwd, stdin=subprocess.PIPE)
+        self._send({"ping": True})
+        answer = _read_line_within(self.process.stdout, timeout_s)
+        if answer is None or answer.strip() != json.dumps({"event": "pong"}):
+            self.stop()
+            said = f"; it printed: {answer.strip()}" if answer and answer.strip() else ""
+            raise WorkerError(f"the worker did not answer within {timeout_s:.0f} s{said}")
+        self._last_used = time.monotonic()
+
+    def serves(self, python: str | Path, environ: Mapping[str, str]) -> bool:
+        """Whether this worker was started with this Python and this environment."""
+        return self.python == str(python) and self.environ == dict(environ)
+
+    def alive(self) -> bool:
+        """Whether the process runs and will take a request: not ended, and not so near its
+        idle timeout that it could exit before reading one."""
+        import time
+
+        if self.process is None or self.process.poll() is not None:
+            return False
+        if self.busy or not self.idle_timeout_s or self.idle_timeout_s <= 0:
+            return True
+        limit = self.idle_timeout_s - min(IDLE_MARGIN_S, self.idle_timeout_s / 2)
+        return time.monotonic() - self._last_used < limit
+
+    def submit(self, argv: Sequence[str]) -> WorkerRun:
+        """Send one ``segment ...`` argument list; its output is read through the WorkerRun."""
+        if self.busy:
+            raise WorkerError("the worker is busy with another run")
+        if not self.alive():
+            raise WorkerError("the worker is not running")
+        self.busy = True
+        try:
+            self._send({"argv": [str(a) for a in argv]})
+        except OSError as error:
+            self.busy = False
+            raise WorkerError(f"the worker did not take the request ({error})") from error
+        return WorkerRun(self)
+
+    def stop(self, grace_s: float = 3.0) -> None:
+        """End the worker. During a run: SIGTERM at once (the run removes its partial output
+        and ends with 143, as the command does); idle: close its stdin, so that it exits by
+        itself, then SIGTERM after ``grace_s``."""
+        import subprocess
+
+        if self.process is None:
+            return
+        if self.process.poll() is None and not self.busy:
+            try:
+                self.process.stdin.close()
+                self.process.wait(grace_s)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        terminate_tree(self.process, grace_s)
+        if not self.busy:
+            # Nobody reads it now; during a run, the run's reader sees its end and closes nothing.
+            self.process.stdout.close()
+
+    def _send(self, request: dict) -> None:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+
+    def _finished(self) -> None:
+        import time
+
+        self.busy = False
+        self._last_used = time.monotonic()
+
+
+class WorkerRun:
+    """One request to a Worker, read like a process's output: iterate ``stdout`` for its lines
+    (stdout and stderr merged, as ``launch`` gives them), then ``wait()`` gives its exit code.
+
+    The code is the command's, from the worker's exit event; if the worker ended before
+    that event (cancelled, killed), it is the worker's own exit status.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.returncode: int | None = None
+        self.stdout = self._lines()
+
+    def _lines(self):
+        from .worker import split_exit_line
+
+        try:
+            for line in self.worker.process.stdout:
+                text, code = split_exit_line(line)
+                if code is None:
+                    yield line
+                    continue
+                if text:
+                    yield text + "\n"
+                self.returncode = code
+                return
+            self.returncode = self.worker.process.wait()
+        finally:
+            self.worker._finished()
+
+    def wait(self) -> int:
+        for _ in self.stdout:
+            pass
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+def _read_line_within(stream, timeout_s: float) -> str | None:
+    """One line from a pipe, or None when none comes within ``timeout_s`` (a pipe has no
+    read timeout on every platform: a helper thread reads it)."""
+    import threading
+
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    return lines[0] if lines else None
