@@ -167,6 +167,9 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the application closes and the module widget is destroyed."""
         if self._task is not None:
             self.logic.cancel(self._task)
+        if self.logic is not None:
+            # The worker would also exit at the end of its input when Slicer exits; this ends it at once.
+            self.logic.stopWorker()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -398,6 +401,7 @@ class SegmentationTask:
         self.logCallback = logCallback
         self.completedCallback = completedCallback
         self.process = None
+        self.worker = None
         self.lines = queue.Queue()
         self.reader = None
         self.errorLines = []
@@ -416,7 +420,11 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
     The computation runs in a child PythonSlicer process (``-m KANTumorSegLib segment``) so
     that torch never loads into Slicer and the user interface stays responsive; its output
     is read line by line by a thread and handled on the main thread by a qt.QTimer, as
-    SlicerMONAIAuto3DSeg does.
+    SlicerMONAIAuto3DSeg does. The same command line goes to one long-lived
+    ``-m KANTumorSegLib worker`` process, started on the first run, so that later runs skip
+    the Python, torch and GPU start-up; a run gets a process of its own only when the worker
+    cannot start (or is busy with another run). The worker exits after 10 idle minutes, when
+    a run is cancelled, and when the module is unloaded; the next run starts a new one.
     """
 
     POLL_INTERVAL_MS = 200
@@ -424,6 +432,8 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._requirementsChecked = False
+        self._worker = None
+        self._workerFailedFor = None
 
     def getParameterNode(self):
         return KANTumorSegParameterNode(super().getParameterNode())
@@ -558,7 +568,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             environment = slicer.util.startupEnvironment()
             environment.update(slicer_support.child_environment(environment))
             logging.info(f"KANTumorSeg command: {command}")
-            task.process = slicer_support.launch(command, environment, slicer_support.library_parent())
+            self._start(task, command, pythonSlicer, environment)
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
@@ -576,6 +586,59 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             task.reader.start()
             qt.QTimer.singleShot(self.POLL_INTERVAL_MS, lambda: self._poll(task))
         return task
+
+    def _start(self, task, command, pythonSlicer: str, environment: dict) -> None:
+        """Run the command in the worker (started or replaced as needed), else in its own process."""
+        from KANTumorSegLib import slicer_support
+
+        worker = self._workerFor(pythonSlicer, environment, task)
+        if worker is not None:
+            try:
+                # The command without its "PythonSlicer -m KANTumorSegLib" head: "segment ...".
+                task.process = worker.submit(command[3:])
+                task.worker = worker
+                return
+            except slicer_support.WorkerError as error:
+                self._log(task, _("The background worker could not take this run: {error}. "
+                                  "It runs in a process of its own.").format(error=error))
+        task.process = slicer_support.launch(command, environment, slicer_support.library_parent())
+
+    def _workerFor(self, pythonSlicer: str, environment: dict, task):
+        """The running worker for this PythonSlicer and environment, started when there is
+        none (or it has ended, or they changed); None when the run must get its own process."""
+        from KANTumorSegLib.slicer_support import Worker, WorkerError, library_parent
+
+        if self._worker is not None and self._worker.busy:
+            self._log(task, _("The background worker is busy with another run; this run gets a process of its own."))
+            return None
+        if self._worker is not None and self._worker.serves(pythonSlicer, environment) and self._worker.alive():
+            return self._worker
+        self.stopWorker()
+        if self._workerFailedFor == pythonSlicer:
+            return None
+        worker = Worker(pythonSlicer, environment, library_parent())
+        try:
+            worker.start()
+        except (OSError, WorkerError) as error:
+            # Remembered: a PythonSlicer that does not pass its input on would fail every time.
+            self._workerFailedFor = pythonSlicer
+            self._log(task, _("The background worker could not start: {error}. Each run gets a process of its own, "
+                              "with the start-up time that takes.").format(error=error))
+            return None
+        self._worker = worker
+        return worker
+
+    def stopWorker(self) -> None:
+        """End the background worker (a running segmentation with it); the next run starts a new one."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+    @staticmethod
+    def _log(task, text: str) -> None:
+        logging.warning(f"KANTumorSeg: {text}")
+        if task.logCallback:
+            task.logCallback(text)
 
     @staticmethod
     def _readLines(task) -> None:
@@ -621,7 +684,11 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
 
         if task.process is not None and task.status == "running":
             task.cancelRequested = True
-            terminate_tree(task.process)
+            if task.worker is not None:
+                # The worker stops with the run (exit 143, its outputs removed); the next run starts a new one.
+                task.worker.stop()
+            else:
+                terminate_tree(task.process)
 
     def _finish(self, task) -> None:
         """Import the result (or record why there is none), remove the temporary files, report."""

@@ -357,8 +357,11 @@ class Worker:
         answer = _read_line_within(self.process.stdout, timeout_s)
         if answer is None or answer.strip() != json.dumps({"event": "pong"}):
             self.stop()
-            said = f"; it printed: {answer.strip()}" if answer and answer.strip() else ""
-            raise WorkerError(f"the worker did not answer within {timeout_s:.0f} s{said}")
+            if answer is None:
+                raise WorkerError(f"the worker did not answer within {timeout_s:.0f} s")
+            if not answer:
+                raise WorkerError(f"the worker ended (exit code {self.process.returncode}) without answering")
+            raise WorkerError(f"the worker answered {answer.strip()!r}")
         self._last_used = time.monotonic()
 
     def serves(self, python: str | Path, environ: Mapping[str, str]) -> bool:

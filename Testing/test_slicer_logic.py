@@ -311,7 +311,9 @@ def logic_module(tmp_path, monkeypatch):
     logic = module.KANTumorSegLogic()
     # Installing torch and packages happens through Slicer's extension manager and pip: not here.
     logic._requirementsChecked = True
-    return module, logic, standin, tmp_path
+    yield module, logic, standin, tmp_path
+    # As the module's cleanup does when Slicer unloads it: no worker outlives the test.
+    logic.stopWorker()
 
 
 def _volumes(cropped_case: Path) -> dict[str, _Volume]:
@@ -454,3 +456,71 @@ def test_load_case_and_model_card_use_the_library(logic_module, brats_case_001, 
     card = logic.modelCardText(str(mixed_model))
     assert "mixed-random" in card and "sha256" not in card
     assert "not found" in logic.modelCardText(str(tmp / "none.safetensors"))
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+def _run(logic, volumes, model, **kwargs):
+    return logic.process(volumes["t1"], volumes["t1ce"], volumes["t2"], volumes["flair"], _SegmentationNode("out"),
+                         device="cpu", model=str(model), **kwargs)
+
+
+def test_consecutive_runs_reuse_one_worker(logic_module, small_case, mixed_model):
+    module, logic, standin, tmp = logic_module
+    volumes = _volumes(small_case)
+    logged = []
+    first = _run(logic, volumes, mixed_model, waitForCompletion=True, logCallback=logged.append)
+    second = _run(logic, volumes, mixed_model, waitForCompletion=True, logCallback=logged.append)
+    assert first.status == second.status == "completed", (first.message, second.message)
+    assert first.worker is not None and second.worker is first.worker is logic._worker
+    assert first.worker.process.pid == second.worker.process.pid and logic._worker.alive()
+    assert _table(first) == _table(second)
+    assert not any("process of its own" in line for line in logged), logged
+    assert not os.path.exists(first.tempDir) and not os.path.exists(second.tempDir)
+
+
+def test_cancel_ends_the_worker_and_the_next_run_starts_a_new_one(logic_module, cropped_case, small_case, mixed_model):
+    module, logic, standin, tmp = logic_module
+    progress = []
+    task = _run(logic, _volumes(cropped_case), mixed_model, progressCallback=lambda *step: progress.append(step))
+    cancelled_pid = task.worker.process.pid
+    _run_timers(task, on_line=lambda: progress and task.status == "running" and logic.cancel(task))
+    assert task.status == "cancelled" and task.process.returncode == 143
+    assert task.worker.process.poll() == 143 and not task.worker.alive()
+    assert not os.path.exists(task.tempDir)
+
+    after = _run(logic, _volumes(small_case), mixed_model, waitForCompletion=True)
+    assert after.status == "completed", after.message
+    assert after.worker.process.pid != cancelled_pid and after.worker.alive()
+
+
+def test_an_input_error_is_reported_as_before_and_the_worker_stays(logic_module, small_case, mixed_model, tmp_path):
+    module, logic, standin, tmp = logic_module
+    volumes = _volumes(small_case)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not safetensors")
+    with pytest.raises(RuntimeError) as raised:
+        _run(logic, volumes, broken, waitForCompletion=True)
+    # The command's own sentence, naming the missing model card, as without a worker.
+    assert str(broken.with_suffix(".json")) in str(raised.value)
+    pid = logic._worker.process.pid
+    after = _run(logic, volumes, mixed_model, waitForCompletion=True)
+    assert after.status == "completed", after.message
+    assert after.worker.process.pid == pid
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in launcher is a shell script")
+def test_a_launcher_without_input_falls_back_to_a_process_per_run(logic_module, small_case, mixed_model, monkeypatch):
+    # A PythonSlicer that does not pass its standard input on to Python: the worker never sees
+    # a request, so the module must notice at start, say so, and run the command as before.
+    module, logic, standin, tmp = logic_module
+    launcher = tmp / "PythonSlicer"
+    launcher.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@" < /dev/null\n')
+    launcher.chmod(0o755)
+    monkeypatch.setattr(shutil, "which", lambda name: str(launcher))
+    logged = []
+    task = _run(logic, _volumes(small_case), mixed_model, waitForCompletion=True, logCallback=logged.append)
+    assert task.status == "completed", task.message
+    assert task.worker is None and logic._worker is None
+    assert any("could not start" in line and "process of its own" in line for line in logged), logged
