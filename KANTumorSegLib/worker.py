@@ -22,6 +22,7 @@ At module level only the standard library is imported, so that the worker starts
 
 from __future__ import annotations
 
+import gc
 import json
 import queue
 import re
@@ -101,6 +102,8 @@ def release_gpu_memory() -> None:
     per request), so that an idle worker holds little of it."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
+        # Tensors held only by reference cycles (a traceback's frames) would keep their blocks.
+        gc.collect()
         torch.cuda.empty_cache()
 
 
