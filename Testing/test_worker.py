@@ -180,3 +180,51 @@ def test_sigterm_mid_request_leaves_nothing_and_ends_the_worker(worker, cropped_
     assert not any("Traceback" in line for line in rest)
     assert worker.process.wait(timeout=10) == 143
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the launcher's child through /proc (Linux)")
+def test_through_a_launcher_requests_run_and_stop_reaches_the_python_it_started(small_case: Path, cropped_case: Path,
+                                                                                 tiny_model: Path, tmp_path: Path):
+    """PythonSlicer is a launcher that starts the real Python as its child, passing its stdin
+    and stdout on: a stand-in launcher does the same. Requests must reach the worker, and both
+    ways of stopping it (closing its input, SIGTERM during a run) must end the child too."""
+    launcher = tmp_path / "PythonSlicer"
+    code = "import subprocess, sys; sys.exit(subprocess.Popen(sys.argv[1:]).wait())"
+    launcher.write_text(f"#!/bin/sh\nexec \"{sys.executable}\" -c '{code}' \"{sys.executable}\" \"$@\"\n")
+    launcher.chmod(0o755)
+    environment = {**os.environ, **slicer_support.child_environment(os.environ)}
+
+    idle = slicer_support.Worker(launcher, environment)
+    idle.start()
+    [child] = _children(idle.process.pid)
+    assert through_worker(idle, request(small_case, tmp_path / "out", tiny_model))[0] == 0
+    idle.stop()
+    assert idle.process.returncode == 0 and not _alive(child)
+
+    busy = slicer_support.Worker(launcher, environment)
+    busy.start()
+    [child] = _children(busy.process.pid)
+    run = busy.submit(request(cropped_case, tmp_path / "cancelled", tiny_model, "--batch-size", "2"))
+    for line in run.stdout:
+        if (parse_progress_line(line) or ("",))[0] == "segment":
+            break
+    busy.stop()
+    assert run.wait() == 143
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.1)
+    assert not _alive(child), "the worker kept running after the launcher was stopped"
+    assert not (tmp_path / "cancelled").exists()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting to be reaped counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
