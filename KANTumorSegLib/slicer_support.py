@@ -1,6 +1,7 @@
 """The parts of the 3D Slicer module that need no Slicer, kept here so that they are tested.
 
-KANTumorSeg.py (the module) runs ``kantumorseg segment`` in a background process; this file
+KANTumorSeg.py (the module) runs ``kantumorseg segment`` in a background process (a
+long-lived ``kantumorseg worker``, see Worker, or a process of its own); this file
 builds that command line and its environment, matches loaded volume names to the four
 modalities, reads the process's ``--progress jsonl`` output line by line, and turns segment
 masks into the rows of the volume table. At module level it imports only the standard
