@@ -143,6 +143,15 @@ def truncated_nii_gz(s: Setup) -> list[str]:
     return s.args()
 
 
+def truncated_t2_and_flair(s: Setup) -> list[str]:
+    # The four files are read in parallel: the error must still name the first file at fault
+    # in the modality order (T1, T1ce, T2, FLAIR), whichever thread fails first.
+    for modality in ("flair", "t2"):
+        data = s.file(modality).read_bytes()
+        s.file(modality).write_bytes(data[: int(len(data) * 0.6)])
+    return s.args()
+
+
 def truncated_nii(s: Setup) -> list[str]:
     plain = s.case / "crop_t2.nii"
     sitk.WriteImage(sitk.ReadImage(str(s.file("t2"))), str(plain))
@@ -342,6 +351,7 @@ TABLE = [
     Row(missing_file, 2, r"error: The FLAIR file \S+no_such_flair\.nii\.gz does not exist\."),
     Row(not_an_image, 2, r"error: The T1 file \S+crop_t1\.nii\.gz could not be read as an image"),
     Row(truncated_nii_gz, 2, r"error: The T2 file \S+crop_t2\.nii\.gz is truncated or corrupt"),
+    Row(truncated_t2_and_flair, 2, r"error: The T2 file \S+crop_t2\.nii\.gz is truncated or corrupt"),
     Row(truncated_nii, 2, r"error: The T2 file \S+crop_t2\.nii is truncated: it holds \d+ bytes of the \d+"),
     Row(image_2d, 2, r"error: The FLAIR file \S+crop_flair\.nii\.gz is 2D \(240, 240\); a 3D volume is needed"),
     Row(single_slice, 2, r"error: The FLAIR file \S+crop_flair\.nii\.gz (is 2D|has size \(240, 240, 1\)).*3D volume is needed"),
