@@ -594,8 +594,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         worker = self._workerFor(pythonSlicer, environment, task)
         if worker is not None:
             try:
-                # The command without its "PythonSlicer -m KANTumorSegLib" head: "segment ...".
-                task.process = worker.submit(command[3:])
+                task.process = worker.submit(slicer_support.worker_arguments(command))
                 task.worker = worker
                 return
             except slicer_support.WorkerError as error:

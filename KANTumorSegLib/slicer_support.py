@@ -144,6 +144,14 @@ def build_command(
     return command
 
 
+def worker_arguments(command: Sequence[str]) -> list[str]:
+    """The arguments of a ``build_command`` line after its ``python -m KANTumorSegLib`` head:
+    the ``segment ...`` request a Worker takes."""
+    if list(command[1:3]) != ["-m", LIBRARY_PACKAGE]:
+        raise ValueError(f"not a '<python> -m {LIBRARY_PACKAGE} ...' command: {list(command[:3])}")
+    return list(command[3:])
+
+
 def library_parent() -> Path:
     """The folder holding the KANTumorSegLib package (in Slicer: the scripted-modules folder)."""
     return Path(__file__).resolve().parent.parent

@@ -327,6 +327,10 @@ def test_build_command_is_exactly_the_documented_line(tmp_path):
         "--t2", str(tmp_path / "t2.nrrd"), "--flair", str(tmp_path / "flair.nrrd"),
         "-o", str(tmp_path / "output"), "--case-name", "BraTS20_Training_001", "--device", "auto",
         "--model", str(tmp_path / "m.safetensors"), "--labels", "brats2020", "--progress", "jsonl", "--overwrite"]
+    # What the module's worker receives: the same line after its "<python> -m KANTumorSegLib" head.
+    assert slicer_support.worker_arguments(command) == command[3:] and command[3] == "segment"
+    with pytest.raises(ValueError, match="not a"):
+        slicer_support.worker_arguments(["python", "-m", "other", "segment"])
 
 
 def test_the_command_parser_accepts_every_choice_the_module_offers(tmp_path):
