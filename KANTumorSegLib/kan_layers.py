@@ -101,7 +101,8 @@ class FastKANConv2d(nn.Module):
         where Triton is installed: 1.54x the model's rate on an H200. It is off by default
         because importing Triton and loading its kernels adds about 2 s to every fresh process
         (4.6 s on a first run that compiles them), while it saves 0.02 s per BraTS case: a
-        single-case command, what Slicer runs, is faster without it (docs/PERFORMANCE.md, G7).
+        single-case command is faster without it, and even Slicer's long-lived worker would
+        gain only after about 100 cases (docs/PERFORMANCE.md, G7).
         """
         if isinstance(self.basis, GaussianRBF) and not torch.is_grad_enabled():
             if x.is_cuda and os.environ.get("KANTUMORSEG_TRITON") == "1":
