@@ -5,9 +5,10 @@ Measured with this command on a bf16 CPU (3D Dice WT / TC / ET; false-positive m
 slices without expert tumour):
 - BraTS20_Training_001: 0.912 / 0.703 / 0.780, 0.06 mL;
 - BraTS2021_00000 (BraTS 2021, another intensity scale): 0.904 / 0.905 / 0.849, 0.55 mL.
-The floors leave room for other precisions and CPUs, and catch a broken model file,
-preprocessing or label mapping. The false-positive ceiling guards what the round-5 model was
-chosen with: round 4's model left 17.1 mL on BraTS2021_00000.
+Scored with Training's own definitions (``Training.metrics.score_test_case``, as RESULTS and
+``score_segmentation.py``). The floors leave room for other precisions and CPUs, and catch a
+broken model file, preprocessing or label mapping. The false-positive ceiling guards what the
+round-5 model was chosen with: round 4's model left 17.1 mL on BraTS2021_00000.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
-from KANTumorSegLib.labels import region_mask
 from KANTumorSegLib.weights import default_model_path
+from Training.data import read_nifti_case, voxel_ml
+from Training.metrics import score_test_case
 
 CASES = {
     # case: (folder in the samples, minimum 3D Dice per region, most false-positive mL)
@@ -30,10 +32,6 @@ CASES = {
                              {"WT": 0.88, "TC": 0.67, "ET": 0.75}, 1.0),
     "BraTS2021_00000": ("DevNazrin_brats-segmentation-study/example_case", {"WT": 0.87, "TC": 0.87, "ET": 0.81}, 2.0),
 }
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
 @pytest.mark.parametrize("case_name", sorted(CASES))
@@ -46,15 +44,13 @@ def test_shipped_model_segments_an_unseen_case(case_name: str, brats_samples: Pa
     done = subprocess.run([sys.executable, "-m", "KANTumorSegLib", "segment", str(case), "-o", str(out),
                            "--progress", "none"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case_name}_seg.nii.gz")))   # (Z, Y, X)
-    expert = sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{case_name}_seg.nii.gz")))
-    scores = {region: dice(region_mask(predicted, region), region_mask(expert, region)) for region in minimum_dice}
+    predicted = np.asarray(nib.load(str(out / f"{case_name}_seg.nii.gz")).dataobj).astype(np.uint8)
+    volume, expert = read_nifti_case(case)
+    figures, _, _ = score_test_case(predicted, expert, volume, voxel_ml(case))
+    scores = {region: figures["volume_3d"][f"dice_{region}"] for region in minimum_dice}
     assert all(scores[r] >= minimum_dice[r] for r in minimum_dice), scores
-
-    # Tumour marked on axial slices where the expert has none (1 mm voxels: 0.001 mL each).
-    tumour_free = ~expert.any(axis=(1, 2))
-    false_positive_ml = int((predicted[tumour_free] > 0).sum()) * 0.001
-    assert false_positive_ml <= most_false_positive_ml, false_positive_ml
+    # Tumour marked on the brain slices where the expert has none.
+    assert figures["false_positive_ml_tumour_free_slices"] <= most_false_positive_ml, figures
 
     # The summary points the reviewer at the whole tumour's separate parts (both cases have several).
     parts = json.loads((out / f"{case_name}_volumes.json").read_text())["whole_tumour_parts"]
