@@ -52,7 +52,9 @@ def choose_precision(requested: str, device, card: dict) -> str:
     its bf16 labels passed the accuracy check against float32 (``inference.cpu_bfloat16_check``):
     how far bf16 moves the labels depends on the network (a calibrated random one lost half of
     its labels, the shipped one keeps Dice >= 0.9945 per region), so it is checked per model.
-    float32 everywhere else, CUDA included (bf16 failed the check there: docs/PERFORMANCE.md).
+    float32 everywhere else, CUDA included: with the library's eager expansion, float32 with TF32
+    convolutions ran faster than bf16 autocast on an H200 (G1/G2: 1,507 against 1,125 slices/s,
+    docs/PERFORMANCE.md).
     """
     if requested not in PRECISIONS:
         raise KANTumorSegError(f"--precision must be one of {', '.join(PRECISIONS)}, not {requested!r}.")
