@@ -19,12 +19,10 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import KANTumorSegError, is_out_of_memory
+from .exit_codes import EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USER_ERROR
 
 if TYPE_CHECKING:
     from .pipeline import SegmentResult
-
-EXIT_USER_ERROR = 2
-EXIT_BUG = 1
 
 
 class Interrupted(BaseException):
@@ -262,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             from .worker import serve
 
-            return serve(args.idle_timeout)
+            return serve(main, args.idle_timeout)
         return run_segment(args) if args.command == "segment" else run_info(args)
     except KANTumorSegError as error:
         if args.debug:
@@ -282,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KeyboardInterrupt:
         print(f"kantumorseg: interrupted; {written_so_far(args)}.", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Interrupted:
         print(f"kantumorseg: terminated; {written_so_far(args)}.", file=sys.stderr)
-        return 143
+        return EXIT_TERMINATED
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -17,7 +17,9 @@ The worker ends with 0 at the end of stdin (its client closed it or exited) and 
 ``--idle-timeout`` seconds without a request (default 600), so that an idle worker does not
 hold memory, a GPU's included, forever. A SIGTERM (or Ctrl-C) during a request ends that
 request as it ends the command (its outputs removed, exit 143 or 130), then the worker.
-At module level only the standard library is imported, so that the worker starts at once.
+At module level only the standard library and ``exit_codes`` are imported, so that the worker
+starts at once; the command it runs is handed to ``serve`` by ``cli``, which keeps the import
+graph one-way (``cli`` -> ``worker`` -> ``exit_codes``).
 """
 
 from __future__ import annotations
@@ -28,14 +30,12 @@ import queue
 import re
 import sys
 import threading
-import traceback
-import warnings
+from typing import Callable
+
+from .exit_codes import EXIT_USER_ERROR, INTERRUPT_CODES, run_to_exit_code
 
 IDLE_TIMEOUT_S = 600.0
 """Seconds without a request after which a worker exits (``--idle-timeout``)."""
-
-INTERRUPT_CODES = (130, 143)
-"""Exit codes of a request stopped by Ctrl-C or SIGTERM: the worker stops too."""
 
 _EXIT_LINE = re.compile(r'\{"event": "exit", "code": (-?\d+)\}$')
 
@@ -76,27 +76,6 @@ def request_argv(line: str) -> list[str] | None:
     return argv
 
 
-def run_request(argv: list[str]) -> int:
-    """Run one ``segment`` command line in this process; its exit code, as the command's."""
-    from .cli import EXIT_BUG, main
-
-    # A fresh warnings state per request: Python shows a warning once per place, and the
-    # second run must print what the command alone would print.
-    with warnings.catch_warnings():
-        try:
-            return main(argv)
-        except SystemExit as stop:
-            # argparse: a usage error (2, its message already on stderr) or --help (0).
-            if stop.code is None or isinstance(stop.code, int):
-                return stop.code or 0
-            print(stop.code, file=sys.stderr)
-            return EXIT_BUG
-        except Exception:
-            # --debug lets errors through: show the traceback the command would show.
-            traceback.print_exc()
-            return EXIT_BUG
-
-
 def release_gpu_memory() -> None:
     """Hand the memory torch caches on the GPU back between requests (the model is reloaded
     per request), so that an idle worker holds little of it."""
@@ -121,10 +100,13 @@ def _read_requests(stream, requests: queue.Queue) -> None:
     requests.put(None)
 
 
-def serve(idle_timeout_s: float | None = IDLE_TIMEOUT_S) -> int:
+def serve(command: Callable[[list[str]], int], idle_timeout_s: float | None = IDLE_TIMEOUT_S) -> int:
     """Answer requests from stdin until it ends, or for ``idle_timeout_s`` (None or 0: no
-    limit) none comes; the exit code of the worker."""
-    from .cli import EXIT_USER_ERROR
+    limit) none comes; the exit code of the worker.
+
+    ``command`` is the ``kantumorseg`` entry point (``cli.main``); each request's argument
+    list runs through it, so a request prints, fails and exits as the command does.
+    """
     from .errors import KANTumorSegError
 
     requests: queue.Queue = queue.Queue()
@@ -147,7 +129,7 @@ def serve(idle_timeout_s: float | None = IDLE_TIMEOUT_S) -> int:
         if argv is None:
             _reply(json.dumps({"event": "pong"}))
             continue
-        code = run_request(argv)
+        code = run_to_exit_code(command, argv)
         release_gpu_memory()
         _reply(exit_line(code))
         if code in INTERRUPT_CODES:
