@@ -175,12 +175,18 @@ def _axial_slices(volume: np.ndarray) -> Iterator[np.ndarray]:
 
 
 def segment_volume(volume: np.ndarray, predictor: SlicePredictor, config: PreprocessingConfig,
-                   progress: Callable[[str, int, int], None] = no_progress) -> np.ndarray:
+                   progress: Callable[[str, int, int], None] = no_progress,
+                   maps: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """(4, X, Y, Z) model-grid volume -> (X, Y, Z) internal labelmap (0/1/2/4).
 
     Slices without brain are skipped and stay 0; predictions are pasted back into their
     crop windows, zero outside. The windows of all brain slices are held (0.8 MB each,
     about 100 MB for a BraTS case) and stacked for the model one batch at a time.
+
+    ``maps`` (optional, for ``--confidence``): (X, Y, Z) arrays, one per name in the
+    predictor's ``maps`` (see ``confidence.ConfidencePredictor``), which holds (N, H, W)
+    windows for the batch its ``predict`` last returned; each is pasted as the labels are,
+    so the per-voxel maps come from exactly the preprocessing the labels come from.
     """
     shape_xy = volume.shape[1:3]
     depth = volume.shape[3]
@@ -198,7 +204,9 @@ def segment_volume(volume: np.ndarray, predictor: SlicePredictor, config: Prepro
     while done < total:
         group = np.stack(inputs[done:done + predictor.batch_size])
         predicted = predictor.predict(group, lambda n, first=done: progress("segment", first + n, total))
-        for (z, box), prediction in zip(boxes[done:done + len(group)], predicted):
+        for i, ((z, box), prediction) in enumerate(zip(boxes[done:done + len(group)], predicted)):
             labels[..., z] = paste(prediction, box, shape_xy)
+            for name, target in (maps or {}).items():
+                target[..., z] = paste(predictor.maps[name][i], box, shape_xy)
         done += len(group)
     return labels
