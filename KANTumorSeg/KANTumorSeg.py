@@ -772,18 +772,16 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
 
     def addRegionSegments(self, segmentationNode, referenceVolume) -> None:
         """Add WT and TC, computed from the current NCR, ED and ET, as extra segments."""
-        from KANTumorSegLib.labels import SEGMENTS
-        from KANTumorSegLib.slicer_support import REGION_SEGMENTS, compose_labels, region_masks, terminology_entry
+        from KANTumorSegLib.slicer_support import REGION_SEGMENTS, compose_labels, region_masks, region_terminology_entry
 
         masks = region_masks(compose_labels(self.classMasks(segmentationNode, referenceVolume)))
-        neoplasm = next(s.type_code for s in SEGMENTS if s.id == "ET")
         segmentation = segmentationNode.GetSegmentation()
         for segmentId, name, color in REGION_SEGMENTS:
             if segmentation.GetSegment(segmentId):
                 segmentation.RemoveSegment(segmentId)
             segmentation.AddEmptySegment(segmentId, name, color)
             segment = segmentation.GetSegment(segmentId)
-            segment.SetTag(segment.GetTerminologyEntryTagName(), terminology_entry(neoplasm))
+            segment.SetTag(segment.GetTerminologyEntryTagName(), region_terminology_entry())
             slicer.util.updateSegmentBinaryLabelmapFromArray(masks[segmentId], segmentationNode, segmentId, referenceVolume)
 
     def updateVolumeTable(self, segmentationNode, referenceVolume, tableNode=None):

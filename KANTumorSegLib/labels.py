@@ -41,14 +41,18 @@ class SegmentInfo:
 
 
 SEGMENTS: tuple[SegmentInfo, ...] = (
-    SegmentInfo(NCR, "NCR", "Necrotic and non-enhancing tumour core", (1.0, 0.85, 0.2),
+    # NCR and ED: the colours Slicer's terminology recommends for Necrosis and Edema
+    # (216, 191, 216) and (140, 224, 228); it recommends none for Neoplasm, Primary.
+    SegmentInfo(NCR, "NCR", "Necrotic and non-enhancing tumour core", (216 / 255, 191 / 255, 216 / 255),
                 ("SCT", "6574001", "Necrosis")),
-    SegmentInfo(ED, "ED", "Edema", (0.2, 0.8, 0.2), ("SCT", "79654002", "Edema")),
+    SegmentInfo(ED, "ED", "Edema", (140 / 255, 224 / 255, 228 / 255), ("SCT", "79654002", "Edema")),
     SegmentInfo(ET, "ET", "Enhancing tumour", (0.9, 0.15, 0.15),
                 ("SCT", "86049000", "Neoplasm, Primary")),
 )
 
-TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+"""Slicer's DICOM master list: its Morphologically Altered Structure category holds Necrosis, Edema
+and Neoplasm, Primary (the General Anatomy list has no neoplasm type, so Slicer would show ET as unknown)."""
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 MORPHOLOGICALLY_ALTERED = ("SCT", "49755003", "Morphologically Altered Structure")
 BRAIN = ("SCT", "12738006", "Brain")

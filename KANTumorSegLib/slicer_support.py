@@ -272,6 +272,13 @@ def terminology_entry(type_code: tuple[str, str, str]) -> str:
                      ANATOMIC_CONTEXT, "^".join(BRAIN), "^^"])
 
 
+def region_terminology_entry() -> str:
+    """The terminology entry of the WT and TC segments: Neoplasm, Primary, as the ET segment's type."""
+    from .labels import ET, SEGMENTS
+
+    return terminology_entry(next(s.type_code for s in SEGMENTS if s.label == ET))
+
+
 def launch(command: Sequence[str], environ: Mapping[str, str], cwd: str | Path, stdin=None):
     """Start the command as slicer.util.launchConsoleProcess does (stdout and stderr merged,
     text lines, no console window on Windows), but in its own process group: PythonSlicer is
