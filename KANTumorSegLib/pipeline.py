@@ -81,7 +81,7 @@ def segment_case(
         }
         write_volumes(outputs.path("volumes_json"), outputs.path("volumes_csv"), volumes, metadata)
         progress("write", 3, steps)
-        write_overview(outputs.path("overview"), volume, model_labels)
+        write_overview(outputs.path("overview"), volume, model_labels, volumes)
         progress("write", 4, steps)
         files = outputs.commit()
     return SegmentResult(case, files, volumes, str(predictor.device), predictor.precision)

@@ -329,7 +329,7 @@ def peer_command(model: nn.Module, name: str, device: torch.device, dtype: torch
     write_segmentation(out_dir / names["segmentation"], reference)
     volumes = tumour_volumes(sitk.GetArrayViewFromImage(reference), reference.GetSpacing())
     write_volumes(out_dir / names["volumes_json"], out_dir / names["volumes_csv"], volumes, {"case": name})
-    write_overview(out_dir / names["overview"], volume, labels)
+    write_overview(out_dir / names["overview"], volume, labels, volumes)
 
 
 def train_throughput(model: KANUNet2D, inputs: np.ndarray, device: torch.device, batch: int, steps: int) -> dict:
