@@ -15,6 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 
 BASES = ("gaussian", "chebyshev")
+BASIS_NORMS = ("none", "layer")
+"""What the spline branch sees: the raw input (the study) or its LayerNorm over channels (FastKAN)."""
 
 
 class GaussianRBF(nn.Module):
@@ -67,6 +69,19 @@ def make_basis(name: str, num_grids: int, grid_min: float, grid_max: float) -> n
     raise ValueError(f"unknown basis {name!r}; choose one of {', '.join(BASES)}")
 
 
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of every pixel (FastKAN normalises its features before the
+    basis). After BatchNorm and ReLU a layer's input is never negative and 40-50 % zeros, so
+    centres on [-1, 1] half idle; normalised, the input is centred on the grid again."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class FastKANConv2d(nn.Module):
     """FastKAN convolution: conv(basis(x)) + conv(SiLU(x)), run as one convolution.
 
@@ -86,9 +101,13 @@ class FastKANConv2d(nn.Module):
         grid_max: float = 1.0,
         basis: str = "gaussian",
         bias: bool = True,
+        basis_norm: str = "none",
     ) -> None:
         super().__init__()
+        if basis_norm not in BASIS_NORMS:
+            raise ValueError(f"basis_norm must be one of {BASIS_NORMS}, not {basis_norm!r}")
         self.in_channels = in_channels
+        self.norm = ChannelLayerNorm(in_channels) if basis_norm == "layer" else None
         self.basis = make_basis(basis, num_grids, grid_min, grid_max)
         expanded = in_channels * (1 + self.basis.num_functions)
         self.conv = nn.Conv2d(expanded, out_channels, kernel_size, padding=padding, bias=bias)
@@ -104,17 +123,18 @@ class FastKANConv2d(nn.Module):
         single-case command is faster without it, and even Slicer's long-lived worker would
         gain only after about 100 cases (docs/PERFORMANCE.md, G7).
         """
+        spline_input = x if self.norm is None else self.norm(x)
         if isinstance(self.basis, GaussianRBF) and not torch.is_grad_enabled():
-            if x.is_cuda and os.environ.get("KANTUMORSEG_TRITON") == "1":
+            if x.is_cuda and self.norm is None and os.environ.get("KANTUMORSEG_TRITON") == "1":
                 from . import kan_triton  # here, not at the top: CPU installs never import Triton
 
                 if kan_triton.available():
                     scale = self.basis.inv_width
                     return kan_triton.expand_gaussian_channels_last(x, self.basis.centres * scale, scale)
-            return self._expand_channels_last(x)
-        return torch.cat([F.silu(x), self.basis(x)], dim=1)
+            return self._expand_channels_last(x, spline_input)
+        return torch.cat([F.silu(x), self.basis(spline_input)], dim=1)
 
-    def _expand_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+    def _expand_channels_last(self, x: torch.Tensor, spline_input: torch.Tensor) -> torch.Tensor:
         """The same channels, written once into a channels-last buffer (inference only).
 
         Convolutions on the CPU (oneDNN) and on the GPU (cuDNN tensor cores) want
@@ -130,7 +150,7 @@ class FastKANConv2d(nn.Module):
         spline = out[..., 1:, :]
         scale = self.basis.inv_width
         centres = (self.basis.centres.to(x.dtype) * scale).view(grids, 1)
-        torch.sub((pixels * scale).unsqueeze(-2), centres, out=spline)
+        torch.sub((spline_input.permute(0, 2, 3, 1) * scale).unsqueeze(-2), centres, out=spline)
         # exp(-d * d): addcmul squares and negates in one pass.
         torch.addcmul(torch.zeros((), dtype=x.dtype, device=x.device), spline, spline, value=-1, out=spline)
         spline.exp_()

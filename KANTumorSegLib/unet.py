@@ -13,12 +13,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .kan_layers import BASES, FastKANConv2d
+from .kan_layers import BASES, BASIS_NORMS, FastKANConv2d
 
 HEAD_CHANNELS = {"classes": 4, "regions": 3}
 """Output channels of each head. ``classes``: background, NCR/NET, ED, ET (the study).
 ``regions``: WT, TC, ET (nested)."""
 HEADS = tuple(HEAD_CHANNELS)
+GRID_PLACEMENTS = ("uniform", "post_relu")
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,23 @@ class ModelConfig:
     grid_min: float = -1.0
     grid_max: float = 1.0
     head: str = "classes"
+    # Where the basis of the convolutions after the first sits. "uniform": every KAN conv on
+    # [grid_min, grid_max] (the study). "post_relu": the first on [grid_min, grid_max] (it sees
+    # the image, in [-1, 1]); every later one on [0, relu_grid_max], the range its BatchNorm-
+    # then-ReLU input actually takes (never negative, 99th percentile 2.3-3.7).
+    grid_placement: str = "uniform"
+    relu_grid_max: float = 3.0
+    basis_norm: str = "none"
 
     def __post_init__(self) -> None:
         if self.conv not in ("kan", "plain"):
             raise ValueError(f"conv must be 'kan' or 'plain', not {self.conv!r}")
         if self.basis not in BASES:
             raise ValueError(f"basis must be one of {BASES}, not {self.basis!r}")
+        if self.grid_placement not in GRID_PLACEMENTS:
+            raise ValueError(f"grid_placement must be one of {GRID_PLACEMENTS}, not {self.grid_placement!r}")
+        if self.basis_norm not in BASIS_NORMS:
+            raise ValueError(f"basis_norm must be one of {BASIS_NORMS}, not {self.basis_norm!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, not {self.head!r}")
         if self.base_width < 2 or self.base_width % 2:
@@ -60,22 +72,27 @@ class ModelConfig:
         return cls(**data)
 
 
-def make_conv(config: ModelConfig, in_ch: int, out_ch: int, kernel_size: int = 3) -> nn.Module:
-    """The convolution of the configured kind (FastKAN or plain)."""
+def make_conv(config: ModelConfig, in_ch: int, out_ch: int, kernel_size: int = 3, first: bool = False) -> nn.Module:
+    """The convolution of the configured kind (FastKAN or plain); ``first`` marks the one that
+    sees the image rather than a BatchNorm-then-ReLU output."""
     padding = kernel_size // 2
     if config.conv == "plain":
         return nn.Conv2d(in_ch, out_ch, kernel_size, padding=padding)
-    return FastKANConv2d(in_ch, out_ch, kernel_size, padding, config.num_grids,
-                         config.grid_min, config.grid_max, config.basis)
+    low, high = config.grid_min, config.grid_max
+    if config.grid_placement == "post_relu" and not first:
+        low, high = 0.0, config.relu_grid_max
+    return FastKANConv2d(in_ch, out_ch, kernel_size, padding, config.num_grids, low, high, config.basis,
+                         basis_norm=config.basis_norm)
 
 
 class DoubleConv(nn.Sequential):
     """(conv, BatchNorm, ReLU) twice: the study's building block."""
 
-    def __init__(self, config: ModelConfig, in_ch: int, out_ch: int, mid_ch: int | None = None) -> None:
+    def __init__(self, config: ModelConfig, in_ch: int, out_ch: int, mid_ch: int | None = None,
+                 first: bool = False) -> None:
         mid_ch = mid_ch or out_ch
         super().__init__(
-            make_conv(config, in_ch, mid_ch), nn.BatchNorm2d(mid_ch), nn.ReLU(inplace=True),
+            make_conv(config, in_ch, mid_ch, first=first), nn.BatchNorm2d(mid_ch), nn.ReLU(inplace=True),
             make_conv(config, mid_ch, out_ch), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True),
         )
 
@@ -110,7 +127,7 @@ class KANUNet2D(nn.Module):
         super().__init__()
         self.config = config or ModelConfig()
         c, w = self.config, self.config.base_width
-        self.inc = DoubleConv(c, c.in_channels, w)
+        self.inc = DoubleConv(c, c.in_channels, w, first=True)
         self.down1 = Down(c, w, 2 * w)
         self.down2 = Down(c, 2 * w, 4 * w)
         self.down3 = Down(c, 4 * w, 8 * w)

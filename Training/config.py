@@ -7,27 +7,40 @@ from pathlib import Path
 
 import yaml
 
+from .data import TEST_CASES, TRAIN_CASES
+
 DEFAULTS: dict = {
     "name": "run",
     "seed": 0,
     "output": "runs",
     "data": {
         "root": "../shared/data/brats_samples",
-        "cache": ".cache/slices",
+        "cache": ".cache/slices_q8",
         "n_train": 100,
         "n_val": 50,
-        # grid: n_train slices from the HDF5 pool, then tumour slices of train_case.
-        # all: every HDF5 slice outside validation plus every brain slice of train_case.
+        # grid: n_train slices from the HDF5 pool, then tumour slices of the train_cases (the study's
+        # design: tumour slices only). all: every HDF5 slice outside validation plus every brain slice
+        # (tumour and tumour-free) of the train_cases outside val_cases.
         "pool": "grid",
-        "train_case": "Brats18_2013_2_1",
-        "test_cases": ["BraTS20_Training_001", "BraTS2021_00000"],
+        "train_cases": list(TRAIN_CASES),
+        # 3D cases whose every brain slice joins the n_val HDF5 slices in validation (pool all).
+        "val_cases": [],
+        # pool all: train on this many patients, drawn from both pools (null: all of them).
+        "n_patients": None,
+        # pool all: the validation patients train too (the shipped file's final run); validation
+        # then only logs, and train.select should be "last".
+        "val_in_train": False,
+        "test_cases": list(TEST_CASES),
         # The seed of the patient split; null takes the run's seed, so a grid's seeds vary the
         # split and the initialisation together. Fixing it compares seeds on one validation set.
         "split_seed": None,
     },
     "model": {"arch": "kanunet", "base_width": 16, "conv": "kan", "basis": "gaussian", "num_grids": 4,
-              "grid_min": -1.0, "grid_max": 1.0, "head": "classes"},
+              "grid_min": -1.0, "grid_max": 1.0, "head": "classes", "grid_placement": "uniform",
+              "relu_grid_max": 3.0, "basis_norm": "none"},
     "preprocessing": {"gamma": [1.0, 1.5, 1.5, 1.2], "crop_size": 224},
+    # Applied to every test case and stored in the exported card (KANTumorSegLib.postprocess).
+    "postprocessing": {"min_component_ml": 0.0, "et_min_ml": 0.0},
     "train": {
         "epochs": 100,
         "batch_size": 2,
@@ -45,8 +58,17 @@ DEFAULTS: dict = {
         "flip_prob": 0.0,
         "gamma_prob": 0.0,
         "gamma_range": [0.7, 1.5],
+        "affine_prob": 0.0,
+        "affine_degrees": 15.0,
+        "affine_scale": 0.1,
+        "bias_prob": 0.0,
+        "bias_strength": 0.3,
+        "noise_prob": 0.0,
+        "noise_std": 0.03,
         "augment": "tensor",
         "deadline_unix": 0,
+        # Which epoch a run keeps: "best" validation mean Dice (the study) or the "last".
+        "select": "best",
         "amp": True,
         "device": "auto",
         "eval_batch": 25,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import lzma
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,28 @@ HDF5_CHANNELS = ("flair", "t1", "t1ce", "t2")
 NAMES_2020 = {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg"}
 NAMES_2023 = {"t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "flair": "-t2f", "seg": "-seg"}
 
+_INDIGO = "indigoYoshimaru_3d-brain-thesis"
+_PATLIAO = "patliao_SYSC4907-Glioma-Growth-Visualization"
 CASE_FOLDERS = {
     "Brats18_2013_2_1": "IAmSuyogJadhav_Brainy/Brats18_2013_2_1",
     "BraTS20_Training_001": "HunorLaczko_IPCV-TRDP_BraTS_2020/example/BraTS20_Training_001",
     "BraTS2021_00000": "DevNazrin_brats-segmentation-study/example_case",
+    "BraTS19_CBICA_ASK_1": f"{_INDIGO}/BraTS19_CBICA_ASK_1",
+    **{f"BraTS2021_{n}": f"{_INDIGO}/BraTS2021_{n}" for n in ("00002", "00003", "00005", "00006", "00019", "00024")},
+    **{f"BraTS2021_{n}": f"{_PATLIAO}/BraTS2021_{n}" for n in ("01476", "01480", "01482", "01484", "01485")},
 }
-"""The shared 3D cases by id. Brats18_2013_2_1 is training material; the other two are the test set."""
+"""The 15 shared 3D cases by id (README of the shared folder, section A)."""
+
+TEST_CASES = ("BraTS20_Training_001", "BraTS2021_00000", "BraTS2021_01480", "BraTS2021_01476", "BraTS2021_00019",
+              "BraTS2021_01485", "BraTS19_CBICA_ASK_1")
+"""Never trained on, never used to choose a model: the two earlier test patients, a tumour without
+enhancing tumour (01480), a lower-grade-looking one with 0.2 mL of enhancing tumour (01476), an
+edema-dominated glioma (00019), one with a trace of enhancing tumour (01485) and a 2019 CBICA case."""
+
+TRAIN_CASES = ("Brats18_2013_2_1", "BraTS2021_00002", "BraTS2021_00003", "BraTS2021_00005", "BraTS2021_00006",
+               "BraTS2021_00024", "BraTS2021_01482", "BraTS2021_01484")
+"""Training material: every brain slice of each. 01484 (135 mL non-enhancing core, no enhancing
+tumour) teaches the tumour type the earlier model turned into edema; 01482 saturates at 32767."""
 
 
 def labels_from_onehot(mask: np.ndarray) -> np.ndarray:
@@ -89,20 +106,22 @@ def voxel_ml(folder: Path) -> float:
 @dataclass
 class SliceSet:
     """Preprocessed slices: inputs (N, 4, S, S) float16, labels (N, S, S) uint8 0/1/2/4,
-    and per slice its patient, source and axial index."""
+    and per slice its patient, source, axial index and crop-box corner (x0, y0), which puts
+    a prediction back on the 240 x 240 slice."""
 
     inputs: np.ndarray
     labels: np.ndarray
     patients: np.ndarray
     sources: np.ndarray
     z: np.ndarray
+    corners: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index) -> SliceSet:
         index = np.asarray(index, dtype=int)
-        return SliceSet(self.inputs[index], self.labels[index], self.patients[index], self.sources[index], self.z[index])
+        return SliceSet(*(getattr(self, f)[index] for f in FIELDS))
 
     @property
     def has_tumour(self) -> np.ndarray:
@@ -110,17 +129,40 @@ class SliceSet:
 
     @staticmethod
     def concat(parts: list[SliceSet]) -> SliceSet:
-        return SliceSet(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("inputs", "labels", "patients", "sources", "z")))
+        return SliceSet(*(np.concatenate([getattr(p, f) for p in parts]) for f in FIELDS))
 
     def save(self, path: Path) -> None:
+        """An LZMA-compressed file of the arrays, inputs quantised to 8 bits (``quantise``):
+        a BraTS case is about 3.9 MB, so the training and test sets fit a device call."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, inputs=self.inputs, labels=self.labels, patients=self.patients.astype(str),
-                            sources=self.sources.astype(str), z=self.z)
+        partial = path.with_suffix(".partial")
+        with lzma.open(partial, "wb", preset=6) as stream:
+            for name in FIELDS:
+                value = getattr(self, name)
+                value = quantise(value) if name == "inputs" else value
+                np.save(stream, value.astype(str) if value.dtype.kind in "OU" else value, allow_pickle=False)
+        partial.replace(path)
 
     @staticmethod
     def load(path: Path) -> SliceSet:
-        with np.load(path) as data:
-            return SliceSet(data["inputs"], data["labels"], data["patients"], data["sources"], data["z"])
+        with lzma.open(path, "rb") as stream:
+            arrays = [np.load(stream, allow_pickle=False) for _ in FIELDS]
+        arrays[0] = dequantise(arrays[0])
+        return SliceSet(*arrays)
+
+
+FIELDS = ("inputs", "labels", "patients", "sources", "z", "corners")
+QUANTUM = 2.0 / 255.0
+"""The step of the cached inputs: [-1, 1] in 255 steps; -1 (background) and 1 stay exact."""
+
+
+def quantise(inputs: np.ndarray) -> np.ndarray:
+    """Model inputs in [-1, 1] -> uint8 codes; dequantise is within QUANTUM / 2 of the input."""
+    return np.round((inputs.astype(np.float32) + 1.0) / QUANTUM).clip(0, 255).astype(np.uint8)
+
+
+def dequantise(codes: np.ndarray) -> np.ndarray:
+    return (codes.astype(np.float32) * QUANTUM - 1.0).astype(np.float16)
 
 
 def prepare_slice(image: np.ndarray, labels: np.ndarray, config: PreprocessingConfig):
@@ -129,7 +171,7 @@ def prepare_slice(image: np.ndarray, labels: np.ndarray, config: PreprocessingCo
     if prepared is None:
         return None
     inputs, box = prepared
-    return inputs.astype(np.float16), crop(labels, box, fill=0)
+    return inputs.astype(np.float16), crop(labels, box, fill=0), (box.x0, box.y0)
 
 
 def build_hdf5_set(root: Path, config: PreprocessingConfig) -> SliceSet:
@@ -137,33 +179,57 @@ def build_hdf5_set(root: Path, config: PreprocessingConfig) -> SliceSet:
     folder = root / HDF5_FOLDER
     with open(folder / "index.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
-    inputs, labels, patients, z = [], [], [], []
+    inputs, labels, patients, z, corners = [], [], [], [], []
     for row in rows:
         image, label = read_hdf5_slice(folder / "Test_Samples" / row["file"])
-        x, y = prepare_slice(image, label, config)
+        x, y, corner = prepare_slice(image, label, config)
         inputs.append(x)
         labels.append(y)
+        corners.append(corner)
         patients.append(row["BraTS2020_id"])
         z.append(int(row["axial_slice_z"]))
-    return SliceSet(np.stack(inputs), np.stack(labels), np.array(patients), np.array(["hdf5"] * len(rows)), np.array(z))
+    return SliceSet(np.stack(inputs), np.stack(labels), np.array(patients), np.array(["hdf5"] * len(rows)), np.array(z),
+                    np.array(corners, dtype=np.int16))
 
 
 def build_case_set(folder: Path, case: str, config: PreprocessingConfig) -> SliceSet:
     """Every brain slice of a NIfTI case (with and without tumour), preprocessed."""
     volume, seg = read_nifti_case(folder)
-    inputs, labels, z = [], [], []
+    if seg.shape[:2] != CASE_SHAPE:
+        raise ValueError(f"{folder}: slices of {seg.shape[:2]}, not the BraTS {CASE_SHAPE}")
+    inputs, labels, z, corners = [], [], [], []
     for k in range(volume.shape[-1]):
         prepared = prepare_slice(volume[..., k], seg[..., k], config)
         if prepared is not None:
             inputs.append(prepared[0])
             labels.append(prepared[1])
+            corners.append(prepared[2])
             z.append(k)
-    return SliceSet(np.stack(inputs), np.stack(labels), np.array([case] * len(z)), np.array(["nifti"] * len(z)), np.array(z))
+        elif seg[..., k].any():
+            raise ValueError(f"{folder}: slice {k} holds expert tumour but no brain")
+    return SliceSet(np.stack(inputs), np.stack(labels), np.array([case] * len(z)), np.array(["nifti"] * len(z)), np.array(z),
+                    np.array(corners, dtype=np.int16))
+
+
+CASE_SHAPE = (240, 240)
+"""In-plane size of every shared BraTS volume (1 mm, 240 x 240 x 155)."""
+
+
+def case_volume(cases: SliceSet, depth: int = 155) -> np.ndarray:
+    """(X, Y, depth) labels of one case's cached slices (or predictions put in their place),
+    pasted back through their crop boxes: slices without brain stay 0, as in the library."""
+    from KANTumorSegLib.preprocessing import CropBox, paste
+
+    out = np.zeros((*CASE_SHAPE, depth), dtype=np.uint8)
+    size = cases.labels.shape[-1]
+    for labels, z, (x0, y0) in zip(cases.labels, cases.z, cases.corners):
+        out[..., int(z)] = paste(labels, CropBox(int(x0), int(y0), size), CASE_SHAPE)
+    return out
 
 
 def cached(cache: Path, name: str, build) -> SliceSet:
-    """Load ``cache/name.npz``, building and saving it first when absent."""
-    path = cache / f"{name}.npz"
+    """Load ``cache/name.npy.xz``, building and saving it first when absent."""
+    path = cache / f"{name}.npy.xz"
     if not path.exists():
         build().save(path)
     return SliceSet.load(path)

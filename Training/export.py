@@ -14,6 +14,7 @@ MAX_BYTES = 20 * 1024 * 1024
 def export_run(run_dir: Path, output: Path, name: str = "") -> dict:
     import torch
 
+    from KANTumorSegLib.postprocess import PostprocessConfig
     from KANTumorSegLib.preprocessing import PreprocessingConfig
     from KANTumorSegLib.weights import save_model
 
@@ -38,11 +39,15 @@ def export_run(run_dir: Path, output: Path, name: str = "") -> dict:
         "name": name or config["name"],
         "preprocessing": PreprocessingConfig.from_dict(config["preprocessing"]).to_dict(),
         "label_convention": "brats2020",
+        "postprocessing": PostprocessConfig.from_dict(config.get("postprocessing")).to_dict(),
         "training_data": {
             "description": (
-                "Kaggle BraTS2020 HDF5 slices (mwarylak_BraTS_Thesis, 150 slices of 125 patients) outside the "
-                "validation patients, plus every brain slice of Brats18_2013_2_1 (tumour and tumour-free); "
-                "validation: whole HDF5 patients; test cases never seen: " + ", ".join(config["data"]["test_cases"])),
+                "Kaggle BraTS2020 HDF5 slices (mwarylak_BraTS_Thesis, 150 tumour slices of 125 patients) outside "
+                "the validation patients, plus every brain slice (tumour and tumour-free) of the 3D cases "
+                + ", ".join(c for c in config["data"]["train_cases"] if c not in config["data"]["val_cases"])
+                + "; validation: whole HDF5 patients" + (" and the 3D cases " + ", ".join(config["data"]["val_cases"])
+                                                         if config["data"]["val_cases"] else "")
+                + "; test cases never seen: " + ", ".join(config["data"]["test_cases"])),
             "n_train": split.get("n_train"),
             "n_val": split.get("n_val"),
             "validation_patients": sorted({k[1] for k in split.get("val", [])}),

@@ -46,15 +46,14 @@ def per_slice_mean_dice(preds: np.ndarray, truths: np.ndarray) -> np.ndarray:
     return np.array([case_metrics(p, t)["dice_mean"] for p, t in zip(preds, truths)])
 
 
-def score_test_case(pred: np.ndarray, truth: np.ndarray, volume: np.ndarray, voxel_ml: float):
+def score_test_case(pred: np.ndarray, truth: np.ndarray, brain_slices: np.ndarray, voxel_ml: float):
     """One 3D test case's figures: 3D metrics, slice metrics over its tumour slices and
-    false-positive mL on its brain slices without tumour; also returns those tumour slices
-    (prediction, truth) as (N, X, Y) for a mean pooled over cases."""
-    from KANTumorSegLib.preprocessing import brain_mask
-
+    false-positive mL on its brain slices without tumour (``brain_slices``: one bool per
+    axial slice); also returns those tumour slices (prediction, truth) as (N, X, Y) for a
+    mean pooled over cases."""
     has_tumour = truth.any(axis=(0, 1))
     tumour = np.nonzero(has_tumour)[0]
-    empty_brain = [z for z in np.nonzero(~has_tumour)[0] if brain_mask(volume[..., z]).any()]
+    empty_brain = np.nonzero(~has_tumour & brain_slices)[0]
     preds, truths = np.moveaxis(pred[..., tumour], -1, 0), np.moveaxis(truth[..., tumour], -1, 0)
     figures = {
         "volume_3d": case_metrics(pred, truth),

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .augment import Augmenter, TensorAugmenter
 from .data import SliceSet, load_case, load_hdf5, make_split, pick_patients, save_split, select
 from .metrics import METRIC_NAMES, mean_metrics
 from .models import build_model, count_parameters
@@ -56,99 +57,6 @@ def targets(labels, head: str):
     return torch.stack([wt, tc, et], dim=1).float()
 
 
-class Augmenter:
-    """The study's augmentation on the device: random 90-degree rotations and random
-    shifts (MONAI RandRotate90d, RandAffined translation with nearest sampling, so a shift
-    moves pixels without blurring them)."""
-
-    def __init__(self, cfg: dict, seed: int) -> None:
-        from monai.transforms import Compose, RandAffined, RandRotate90d
-
-        if cfg["flip_prob"] or cfg["gamma_prob"]:
-            raise ValueError("train.flip_prob and train.gamma_prob need train.augment: tensor.")
-        shift = cfg["shift_pixels"]
-        self.transform = Compose([
-            RandRotate90d(keys=("image", "label"), prob=cfg["rot90_prob"], max_k=3, spatial_axes=(0, 1)),
-            RandAffined(keys=("image", "label"), prob=cfg["shift_prob"], translate_range=(shift, shift),
-                        mode="nearest", padding_mode=("border", "zeros")),
-        ])
-        self.transform.set_random_state(seed)
-
-    def __call__(self, images, labels):
-        import torch
-
-        out_x, out_y = [], []
-        for image, label in zip(images, labels):
-            sample = self.transform({"image": image, "label": label[None].float()})
-            out_x.append(torch.as_tensor(sample["image"]))
-            out_y.append(torch.as_tensor(sample["label"])[0])
-        return torch.stack(out_x), torch.stack(out_y).round().long()
-
-
-class TensorAugmenter:
-    """The same two augmentations as plain tensor operations on the device: k x 90-degree
-    rotation (k in 1..3) and an integer shift, each with its probability. MONAI's form builds
-    and resamples an affine grid per slice, CPU work on every step of a launch-bound run; the
-    experiment used this form (train.augment: tensor) to cut it (not timed separately);
-    train.augment: monai keeps the MONAI transforms.
-
-    Two more, off in the study's recipe (probability 0) and tried for the shipped model:
-    a left-right flip (with the rotations, every symmetry of the square), and a random
-    contrast change per channel, u -> u**g on the [0, 1] intensity u with g drawn from
-    ``gamma_range``: a scanner or a BraTS release with another intensity profile changes
-    the contrast that the per-slice min-max leaves."""
-
-    def __init__(self, cfg: dict, seed: int) -> None:
-        import torch
-
-        self.cfg = cfg
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def _draw(self, prob: float) -> bool:
-        import torch
-
-        return bool(torch.rand(1, generator=self.generator) < prob)
-
-    def __call__(self, images, labels):
-        import torch
-
-        out_x, out_y = [], []
-        shift = self.cfg["shift_pixels"]
-        for image, label in zip(images, labels):
-            if self._draw(self.cfg["rot90_prob"]):
-                k = int(torch.randint(1, 4, (1,), generator=self.generator))
-                image, label = torch.rot90(image, k, (-2, -1)), torch.rot90(label, k, (-2, -1))
-            if self._draw(self.cfg["shift_prob"]):
-                dx, dy = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=self.generator))
-                image, label = shift_2d(image, dx, dy, -1.0), shift_2d(label, dx, dy, 0)
-            if self._draw(self.cfg["flip_prob"]):
-                image, label = torch.flip(image, (-2,)), torch.flip(label, (-2,))
-            if self._draw(self.cfg["gamma_prob"]):
-                low, high = self.cfg["gamma_range"]
-                gamma = low + (high - low) * torch.rand(image.shape[0], 1, 1, generator=self.generator)
-                image = 2.0 * ((image + 1.0) / 2.0).clamp(min=0.0).pow(gamma.to(image.device, image.dtype)) - 1.0
-            out_x.append(image)
-            out_y.append(label)
-        return torch.stack(out_x), torch.stack(out_y)
-
-
-def shift_2d(tensor, dx: int, dy: int, fill):
-    """Move the last two axes by (dx, dy) pixels, filling what enters with ``fill``
-    (-1 is the preprocessed background, 0 the background label)."""
-    import torch
-
-    out = torch.roll(tensor, (dx, dy), (-2, -1))
-    if dx > 0:
-        out[..., :dx, :] = fill
-    elif dx < 0:
-        out[..., dx:, :] = fill
-    if dy > 0:
-        out[..., :, :dy] = fill
-    elif dy < 0:
-        out[..., :, dy:] = fill
-    return out
-
-
 def predict_labels(model, inputs: np.ndarray, device, batch: int, amp: bool) -> np.ndarray:
     """(N, 4, S, S) inputs -> (N, S, S) labels 0/1/2/4 through the library's decoder.
 
@@ -169,55 +77,74 @@ def predict_labels(model, inputs: np.ndarray, device, batch: int, amp: bool) -> 
 
 
 def load_datasets(config: dict, run_dir: Path | None):
-    """(train, validation) SliceSets and the split, saved as split.json beside the run."""
+    """(train, validation) SliceSets and the split, saved as split.json beside the run.
+
+    Validation is by patient from both pools: ``n_val`` slices of whole HDF5 patients, plus
+    every brain slice of the ``val_cases`` (pool all). No test case may train or validate."""
+    import random
+
     from KANTumorSegLib.preprocessing import PreprocessingConfig
 
     data = config["data"]
     pre = PreprocessingConfig.from_dict(config["preprocessing"])
     root, cache = Path(data["root"]), Path(data["cache"])
     split_seed = config["seed"] if data["split_seed"] is None else data["split_seed"]
+    leaked = set(data["test_cases"]) & (set(data["train_cases"]) | set(data["val_cases"]))
+    if leaked:
+        raise ValueError(f"test cases {sorted(leaked)} are also in data.train_cases or data.val_cases")
     hdf5 = load_hdf5(root, cache, pre)
-    case = load_case(root, cache, data["train_case"], pre) if data["train_case"] else None
+    cases = [load_case(root, cache, case, pre) for case in data["train_cases"]]
     if data["pool"] == "grid":
-        extra = case.subset(np.nonzero(case.has_tumour)[0]) if case is not None else None
+        tumour = [c.subset(np.nonzero(c.has_tumour)[0]) for c in cases]
+        extra = SliceSet.concat(tumour) if tumour else None
         split = make_split(hdf5, extra, data["n_train"], data["n_val"], split_seed)
     elif data["pool"] == "all":
-        import random
-
         val_patients = pick_patients(hdf5.patients, data["n_val"], random.Random(split_seed))
-        keys = [[str(s.sources[i]), str(s.patients[i]), int(s.z[i])] for s in ([hdf5] + ([case] if case else []))
-                for i in range(len(s))]
-        split = {"seed": split_seed, "val": [k for k in keys if k[0] == "hdf5" and k[1] in val_patients],
-                 "train": [k for k in keys if not (k[0] == "hdf5" and k[1] in val_patients)]}
+        val_patients |= set(data["val_cases"])
+        keys = [[str(s.sources[i]), str(s.patients[i]), int(s.z[i])] for s in [hdf5, *cases] for i in range(len(s))]
+        train_keys = [k for k in keys if data["val_in_train"] or k[1] not in val_patients]
+        if data["n_patients"] is not None:
+            patients = sorted({k[1] for k in train_keys})
+            random.Random(split_seed + 1).shuffle(patients)
+            kept = set(patients[: int(data["n_patients"])])
+            train_keys = [k for k in train_keys if k[1] in kept]
+        split = {"seed": split_seed, "val": [k for k in keys if k[1] in val_patients], "train": train_keys}
         split["n_train"], split["n_val"] = len(split["train"]), len(split["val"])
+        split["n_train_patients"] = len({k[1] for k in train_keys})
     else:
         raise ValueError(f"data.pool must be 'grid' or 'all', not {data['pool']!r}")
-    sets = [hdf5] + ([case] if case is not None else [])
     if run_dir is not None:
         save_split(split, run_dir / "split.json")
-    return select(split["train"], sets), select(split["val"], sets), split
+    return select(split["train"], [hdf5, *cases]), select(split["val"], [hdf5, *cases]), split
 
 
 def evaluate_test_cases(model, config: dict, device) -> dict:
-    """Full-volume inference (the library's segment_volume) on each test case: per-case 3D
-    metrics, slice metrics over its tumour slices, and false-positive mL on its brain
-    slices without tumour."""
-    from KANTumorSegLib.inference import SlicePredictor, segment_volume
+    """Every test case's cached brain slices through the network, pasted back into the
+    240 x 240 x 155 volume as the library does: per-case 3D metrics (before and after the
+    configured post-processing), slice metrics over its tumour slices and false-positive mL
+    on its brain slices without tumour."""
+    from KANTumorSegLib.postprocess import PostprocessConfig, postprocess
     from KANTumorSegLib.preprocessing import PreprocessingConfig
 
-    from .data import CASE_FOLDERS, read_nifti_case, voxel_ml
-    from .metrics import per_slice_mean_dice, score_test_case
+    from .data import case_volume
+    from .metrics import case_metrics, per_slice_mean_dice, score_test_case
 
     pre = PreprocessingConfig.from_dict(config["preprocessing"])
-    predictor = SlicePredictor(model, device, batch_size=32,
-                               precision="bfloat16" if config["train"]["amp"] and device.type == "cuda" else "float32")
-    root = Path(config["data"]["root"])
+    post = PostprocessConfig.from_dict(config["postprocessing"])
+    root, cache = Path(config["data"]["root"]), Path(config["data"]["cache"])
     out: dict = {"cases": {}}
     slice_preds, slice_truths = [], []
     for case in config["data"]["test_cases"]:
-        folder = root / CASE_FOLDERS[case]
-        volume, truth = read_nifti_case(folder)
-        figures, preds, truths = score_test_case(segment_volume(volume, predictor, pre), truth, volume, voxel_ml(folder))
+        cached = load_case(root, cache, case, pre)
+        truth = case_volume(cached)
+        predicted = cached.subset(np.arange(len(cached)))
+        predicted.labels = predict_labels(model, cached.inputs, device, config["train"]["eval_batch"], config["train"]["amp"])
+        raw = case_volume(predicted)
+        pred = postprocess(raw, VOXEL_ML, post)
+        brain = np.zeros(truth.shape[-1], dtype=bool)
+        brain[cached.z.astype(int)] = True
+        figures, preds, truths = score_test_case(pred, truth, brain, VOXEL_ML)
+        figures["volume_3d_before_postprocessing"] = case_metrics(raw, truth)
         slice_preds.append(preds)
         slice_truths.append(truths)
         out["cases"][case] = {**figures, "slice_dice_mean": per_slice_mean_dice(preds, truths).round(5).tolist()}
@@ -226,8 +153,13 @@ def evaluate_test_cases(model, config: dict, device) -> dict:
     out["n_slices"] = len(preds)
     out["volume_3d_mean"] = {name: float(np.mean([c["volume_3d"][name] for c in out["cases"].values()]))
                              for name in METRIC_NAMES}
+    out["case_slice_dice_mean"] = float(np.mean([c["tumour_slices"]["dice_mean"] for c in out["cases"].values()]))
     out["false_positive_ml_total"] = float(sum(c["false_positive_ml_tumour_free_slices"] for c in out["cases"].values()))
     return out
+
+
+VOXEL_ML = 0.001
+"""Every shared BraTS volume is 1 mm isotropic (checked when its cache is built)."""
 
 
 def train(config: dict) -> Path:
@@ -345,7 +277,9 @@ def validate_and_save(model, optimizer, scheduler, val_set: SliceSet, device, cf
     with open(log_path, "a", newline="") as stream:
         csv.writer(stream).writerow([epoch, lr, round(train_loss, 6), round(seconds, 3),
                                      *[round(val[m], 6) for m in METRIC_NAMES]])
-    if val["dice_mean"] > state["best"]:
+    if cfg["select"] not in ("best", "last"):
+        raise ValueError(f"train.select must be 'best' or 'last', not {cfg['select']!r}")
+    if val["dice_mean"] > state["best"] or cfg["select"] == "last":
         state["best"], state["best_epoch"] = val["dice_mean"], epoch
         torch.save(model.state_dict(), run_dir / "best.pt")
     if checkpoint or (epoch + 1) % cfg["checkpoint_every"] == 0:
