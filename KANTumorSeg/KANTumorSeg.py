@@ -33,9 +33,8 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 SETTINGS_PREFIX = "KANTumorSeg/"
-MINIMUM_TORCH_VERSION = (2, 1)
-OTHER_REQUIREMENTS = (("safetensors", "safetensors>=0.4"), ("slicerio", "slicerio>=1.1"))
-"""(import name, pip requirement) of what the library needs beyond torch and Slicer's own numpy and SimpleITK."""
+REQUIREMENTS_FILE = "KANTumorSegRequirements.txt"
+"""In Resources/: the packages (with minimum versions) the library needs beyond Slicer's own numpy and SimpleITK."""
 
 
 #
@@ -51,18 +50,22 @@ class KANTumorSeg(ScriptedLoadableModule):
         self.parent.title = _("KANTumorSeg")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["KANTumorSeg developers"]
+        self.parent.contributors = ["KANTumorSeg developers (names and organizations to be filled in by the maintainers)"]
         self.parent.helpText = _("""
 Segments a brain tumour (necrotic/non-enhancing core, edema, enhancing tumour) in four MRI volumes
 (T1, T1ce, T2, FLAIR) with a Kolmogorov-Arnold U-Net (KANU-Net 2D), and measures its volumes.
-The result is an ordinary segmentation: review and correct it in Segment Editor, then press Update volumes.
-Research software, not a medical device.
+<p><b>Inputs</b>: the four volumes must be skull-stripped (as BraTS scans are: use SwissSkullStripper or HD-BET)
+and co-registered to each other (use General Registration (BRAINS)); the model was made for such inputs only.</p>
+<p>The result is an ordinary segmentation: review and correct it in Segment Editor; the volume table follows the edits.
+Research software, not a medical device.</p>
 """)
         self.parent.acknowledgementText = _("""
-The model follows the KANU-Net 2D study (Sovremennye Tehnologii v Medicine, 2026) and is trained on the
-BraTS data (Menze et al. 2015, Bakas et al. 2017, Baid et al. 2021).
+The model follows the KANU-Net 2D study (Sovremennye Tehnologii v Medicine, 2026; authors, volume, pages and DOI
+to be completed: see the README's How to cite) and is trained on the BraTS data (Menze et al. 2015,
+Bakas et al. 2017, Baid et al. 2021).
 """)
         _addLibraryToPath()
+        slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 def _addLibraryToPath() -> None:
@@ -75,6 +78,33 @@ def _addLibraryToPath() -> None:
             if folder not in sys.path:
                 sys.path.append(folder)
             return
+
+
+SAMPLE_DATA_URL = "https://github.com/KANTumorSeg/SlicerKANTumorSeg/releases/download/SampleData/"
+SAMPLE_DATA = (
+    ("BraTS20_Training_001_t1.nii.gz", "e63effbd25a803272c5d012012145c33db8d27bff6013ca3bbae1a33b3242df3"),
+    ("BraTS20_Training_001_t1ce.nii.gz", "eec90b1fb334ceaae37cf9dd1d19f1ed541d150a28939c33475db9f973c4143d"),
+    ("BraTS20_Training_001_t2.nii.gz", "3d4a60f1c1184ff71c71dd2d74e93f3150307cce4123e418326fc64b1da183a4"),
+    ("BraTS20_Training_001_flair.nii.gz", "240ad023b630301db0b3e38a7a74defac3517a18339f111a1648087e869b5ffa"),
+)
+"""The sample case's files (BraTS 2020 training case 001, docs/slicer.md says where they are
+hosted) and their SHA-256; the node names (file names without .nii.gz) are those the module's
+automatic input assignment recognises."""
+
+
+def registerSampleData() -> None:
+    """Add the BraTS sample case to the Sample Data module (called once Slicer has started)."""
+    import SampleData
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="KANTumorSeg",
+        sampleName="BraTS20_Training_001",
+        thumbnailFileName=os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "Icons", "KANTumorSeg.png"),
+        uris=[SAMPLE_DATA_URL + fileName for fileName, _digest in SAMPLE_DATA],
+        fileNames=[fileName for fileName, _digest in SAMPLE_DATA],
+        nodeNames=[fileName.removesuffix(".nii.gz") for fileName, _digest in SAMPLE_DATA],
+        checksums=[f"SHA256:{digest}" for _fileName, digest in SAMPLE_DATA],
+    )
 
 
 #
@@ -92,7 +122,9 @@ class KANTumorSegParameterNode:
     device - --device of the command: auto, cuda, mps or cpu.
     modelPath - weights file; empty means the model shipped with the extension.
     labelConvention - --labels of the command (labels of the written labelmap).
-    addRegions - also add WT and TC as segments.
+    addRegions - also make WT and TC segments, in regionsSegmentation (derived from the classes).
+    confidence - --confidence of the command: a confidence map and volume ranges.
+    confidenceVolume - the last run's confidence map; showConfidence - shown over the T1ce.
     """
 
     t1Volume: vtkMRMLScalarVolumeNode
@@ -105,6 +137,10 @@ class KANTumorSegParameterNode:
     modelPath: str = ""
     labelConvention: Annotated[str, Choice(["brats2020", "brats2023"])] = "brats2020"
     addRegions: bool = False
+    regionsSegmentation: vtkMRMLSegmentationNode
+    confidence: bool = False
+    confidenceVolume: vtkMRMLScalarVolumeNode
+    showConfidence: bool = True
 
 
 INPUT_PARAMETERS = {"t1": "t1Volume", "t1ce": "t1ceVolume", "t2": "t2Volume", "flair": "flairVolume"}
@@ -119,6 +155,14 @@ INPUT_PARAMETERS = {"t1": "t1Volume", "t1ce": "t1ceVolume", "t2": "t2Volume", "f
 class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The module panel: inputs, output, advanced options, Apply/Cancel, progress and results."""
 
+    CHOICES = {
+        "device": (("auto", _("Automatic (GPU when available)")), ("cuda", _("GPU (NVIDIA CUDA)")),
+                   ("mps", _("GPU (Apple MPS)")), ("cpu", _("CPU"))),
+        "labelConvention": (("brats2020", _("BraTS 2017-2021: NCR 1, ED 2, ET 4")),
+                            ("brats2023", _("BraTS 2023: NCR 1, ED 2, ET 3"))),
+    }
+    """Parameter -> (value, shown title) of the combo boxes bound by hand (Choice shows the raw value)."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)  # needed for parameter node observation
@@ -126,6 +170,7 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._task = None
+        self._notes = None
         self._shownModelPath = None
 
     def setup(self) -> None:
@@ -138,15 +183,13 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.logic = KANTumorSegLogic()
 
-        deviceTitles = {
-            "auto": _("Automatic (GPU when available)"),
-            "cuda": _("GPU (NVIDIA CUDA)"),
-            "mps": _("GPU (Apple MPS)"),
-            "cpu": _("CPU"),
-        }
-        for device, title in deviceTitles.items():
-            self.ui.deviceComboBox.addItem(title, device)
+        self._choiceBoxes = {"device": self.ui.deviceComboBox, "labelConvention": self.ui.labelConventionComboBox}
+        for parameter, comboBox in self._choiceBoxes.items():
+            for value, title in self.CHOICES[parameter]:
+                comboBox.addItem(title, value)
+            comboBox.connect("currentIndexChanged(int)", lambda index, parameter=parameter: self.onChoiceChanged(parameter, index))
         self.ui.progressBar.hide()
+        self.ui.warningsLabel.hide()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -158,8 +201,10 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
         self.ui.editInSegmentEditorButton.connect("clicked(bool)", self.onEditInSegmentEditor)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.segmentationShow3DButton.setSegmentationNode)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        # clicked: the user's own choice only, remembered; the default follows the device.
+        self.ui.confidenceCheckBox.connect("clicked(bool)", lambda on: qt.QSettings().setValue(SETTINGS_PREFIX + "Confidence", on))
+        self.ui.showConfidenceCheckBox.connect("toggled(bool)", self.onShowConfidence)
 
         self.initializeParameterNode()
 
@@ -168,12 +213,18 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._task is not None:
             self.logic.cancel(self._task)
         if self.logic is not None:
+            self.logic.stopFollowingEdits()
             # The worker would also exit at the end of its input when Slicer exits; this ends it at once.
             self.logic.stopWorker()
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        # Warm the worker up while the user loads and checks the inputs.
+        try:
+            self.logic.warmUp(self._parameterNode.device, self._parameterNode.modelPath or None, self.onWorkerReady)
+        except (OSError, RuntimeError, ValueError) as error:
+            logging.warning(f"KANTumorSeg: no warm-up ({error}); the first run starts the worker.")
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -182,6 +233,11 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # The run's nodes go with the scene: stop it, so that nothing lands in the next scene.
+        if self._task is not None:
+            self.logic.cancel(self._task)
+        self.logic.stopFollowingEdits()
+        self._notes = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -210,8 +266,8 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIFromParameterNode)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            # Widgets with a SlicerParameterName property in the .ui are bound here; device and
-            # model path are bound by hand (their shown text differs from the stored value).
+            # Widgets with a SlicerParameterName property in the .ui are bound here; the combo
+            # boxes in CHOICES and the model path are bound by hand (their shown text differs from the value).
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIFromParameterNode)
             self._updateGUIFromParameterNode()
@@ -233,12 +289,13 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 used.add(volumes[index])
 
     def _updateGUIFromParameterNode(self, caller=None, event=None) -> None:
-        """Apply button state and tooltip, device and model widgets, model card, table view."""
+        """Apply button state and tooltip, choice and model widgets, model card, table view."""
         if self._parameterNode is None:
             return
-        deviceIndex = self.ui.deviceComboBox.findData(self._parameterNode.device)
-        if deviceIndex >= 0 and deviceIndex != self.ui.deviceComboBox.currentIndex:
-            self.ui.deviceComboBox.currentIndex = deviceIndex
+        for parameter, comboBox in self._choiceBoxes.items():
+            index = comboBox.findData(getattr(self._parameterNode, parameter))
+            if index >= 0 and index != comboBox.currentIndex:
+                comboBox.currentIndex = index
         if self.ui.modelPathLineEdit.currentPath != self._parameterNode.modelPath:
             self.ui.modelPathLineEdit.currentPath = self._parameterNode.modelPath
         if self._shownModelPath != self._parameterNode.modelPath:
@@ -250,6 +307,7 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.updateVolumesButton.enabled = hasResult and self._task is None
         self.ui.editInSegmentEditorButton.enabled = hasResult and self._task is None
         self.ui.exportCsvButton.enabled = self._parameterNode.volumeTable is not None
+        self.ui.showConfidenceCheckBox.enabled = self._parameterNode.confidenceVolume is not None
         self._updateApplyButton()
 
     def _updateApplyButton(self) -> None:
@@ -272,16 +330,27 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = not reasons
         self.ui.applyButton.toolTip = "\n".join(reasons) if reasons else _("Segment the tumour in the four volumes.")
 
-    def onDeviceChanged(self, index: int) -> None:
-        device = self.ui.deviceComboBox.itemData(index)
-        if self._parameterNode is not None and device and device != self._parameterNode.device:
-            self._parameterNode.device = device
-            qt.QSettings().setValue(SETTINGS_PREFIX + "Device", device)
+    def onChoiceChanged(self, parameter: str, index: int) -> None:
+        value = self._choiceBoxes[parameter].itemData(index)
+        if self._parameterNode is not None and value and value != getattr(self._parameterNode, parameter):
+            setattr(self._parameterNode, parameter, value)
+            if parameter == "device":
+                qt.QSettings().setValue(SETTINGS_PREFIX + "Device", value)
 
     def onModelPathChanged(self, path: str) -> None:
         if self._parameterNode is not None and path != self._parameterNode.modelPath:
             self._parameterNode.modelPath = path
             qt.QSettings().setValue(SETTINGS_PREFIX + "ModelPath", path)
+
+    def onWorkerReady(self, device: Optional[str]) -> None:
+        """The warm-up has finished on ``device``: the Confidence option starts on where it is
+        cheap (a CUDA GPU), unless the user has chosen."""
+        from KANTumorSegLib.slicer_support import confidence_by_default
+
+        self.addLog(_("Background worker ready ({device}).").format(device=device) if device else
+                    _("The background worker did not warm up; the first run will start it."))
+        if self._parameterNode is not None and qt.QSettings().value(SETTINGS_PREFIX + "Confidence") is None:
+            self._parameterNode.confidence = confidence_by_default(self._parameterNode.device, device)
 
     def onLoadCaseFolder(self) -> None:
         settings = qt.QSettings()
@@ -299,29 +368,29 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def addLog(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)
 
+    def showWarnings(self, messages: list) -> None:
+        """The run's input warnings in the banner above the results (hidden when there are none)."""
+        self.ui.warningsLabel.text = "\n".join("\u26a0 " + message for message in messages)
+        self.ui.warningsLabel.visible = bool(messages)
+
     def onApplyButton(self) -> None:
         if self._task is not None:
             self.logic.cancel(self._task)
             self.addLog(_("Cancelling..."))
             return
         self.ui.logTextEdit.plainText = ""
+        self.showWarnings([])
         with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
-            if self.logic.setupPythonRequirements():
-                # confirmOkCancelDisplay(text, windowTitle): the whole message goes in the text.
-                if slicer.util.confirmOkCancelDisplay(
-                        _("PyTorch was updated while an older copy was loaded; 3D Slicer must restart. Press OK to restart now."),
-                        _("KANTumorSeg")):
-                    slicer.util.restart()
-                return
-            if self._parameterNode.outputSegmentation is None:
-                self._parameterNode.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLSegmentationNode", _("{name} tumour").format(name=self._parameterNode.t1ceVolume.GetName()))
             p = self._parameterNode
+            self.logic.stopFollowingEdits()
+            # No output node is made here: the Logic makes it when the run succeeds, so that a
+            # failed or cancelled run leaves nothing behind.
             self._task = self.logic.process(
                 p.t1Volume, p.t1ceVolume, p.t2Volume, p.flairVolume, p.outputSegmentation, device=p.device,
                 waitForCompletion=False, progressCallback=self.onProgress, model=p.modelPath or None,
                 labels=p.labelConvention, addRegions=p.addRegions, tableNode=p.volumeTable,
-                logCallback=self.addLog, completedCallback=self.onProcessCompleted)
+                logCallback=self.addLog, completedCallback=self.onProcessCompleted, confidence=p.confidence,
+                regionsSegmentation=p.regionsSegmentation if p.addRegions else None)
             self.ui.progressBar.setRange(0, 1000)
             self.ui.progressBar.value = 0
             self.ui.progressBar.setFormat(_("Starting"))
@@ -341,26 +410,55 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onProcessCompleted(self, task) -> None:
         self._task = None
-        if task.status == "completed":
-            self._parameterNode.volumeTable = task.volumeTable
+        p = self._parameterNode
+        if task.status == "completed" and p is not None:
+            p.outputSegmentation = task.outputSegmentation
+            p.regionsSegmentation = task.regionsSegmentation
+            p.volumeTable = task.volumeTable
+            if task.confidenceVolume is not None:
+                p.confidenceVolume = task.confidenceVolume
+                self.logic.showConfidence(task.confidenceVolume, p.showConfidence)
+            self._notes = task.notes
+            self.showWarnings(task.notes.warnings)
+            self.logic.followEdits(task.outputSegmentation, self.onSegmentsEdited)
+            self.ui.volumesStatusLabel.text = _("Volumes of the result as segmented; they follow your edits.")
             self.ui.progressBar.value = 1000
             self.ui.progressBar.setFormat(_("Done in {seconds:.0f} s").format(seconds=task.elapsed))
             self.addLog(_("Segmentation finished in {seconds:.1f} s.").format(seconds=task.elapsed))
             if task.partsNote:
                 self.addLog(task.partsNote)
-        elif task.status == "cancelled":
+        elif task.status in ("completed", "cancelled"):
             self.ui.progressBar.hide()
-            self.addLog(_("Segmentation cancelled; nothing was written."))
+            self.addLog(task.message or _("Segmentation cancelled; nothing was written."))
         else:
             self.ui.progressBar.hide()
             self.addLog(task.message)
             slicer.util.errorDisplay(task.message, windowTitle=_("Segmentation failed"))
         self._updateGUIFromParameterNode()
 
+    def _updateVolumes(self) -> None:
+        p = self._parameterNode
+        if p.regionsSegmentation is not None:
+            self.logic.updateRegionSegments(p.outputSegmentation, p.t1ceVolume, p.regionsSegmentation)
+        p.volumeTable = self.logic.updateVolumeTable(p.outputSegmentation, p.t1ceVolume, p.volumeTable, self._notes)
+        self.ui.volumesStatusLabel.text = _("Volumes updated at {time}.").format(time=time.strftime("%H:%M:%S"))
+
+    def onSegmentsEdited(self) -> None:
+        """The segments were edited (debounced by the Logic): the regions and volumes follow."""
+        if self._parameterNode is None or self._task is not None:
+            return
+        try:
+            self._updateVolumes()
+        except ValueError as error:
+            self.ui.volumesStatusLabel.text = _("Volumes not updated: {error}").format(error=error)
+
     def onUpdateVolumes(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not compute the volumes."), waitCursor=True):
-            p = self._parameterNode
-            p.volumeTable = self.logic.updateVolumeTable(p.outputSegmentation, p.t1ceVolume, p.volumeTable)
+            self._updateVolumes()
+
+    def onShowConfidence(self, show: bool) -> None:
+        if self._parameterNode is not None and self._parameterNode.confidenceVolume is not None:
+            self.logic.showConfidence(self._parameterNode.confidenceVolume, show)
 
     def onExportCsv(self) -> None:
         settings = qt.QSettings()
@@ -388,15 +486,20 @@ class SegmentationTask:
 
     status: "running", then "completed", "failed" or "cancelled"; message: the user-facing
     reason of a failure (the command's own ``kantumorseg: error:`` sentence when it gave one);
-    partsNote: the command's sentence on a whole tumour in several parts (None for one part).
+    partsNote: the command's sentence on a whole tumour in several parts (None for one part);
+    notes: the warnings and volume ranges of its volumes file (slicer_support.ResultNotes);
+    outputSegmentation, regionsSegmentation, volumeTable, confidenceVolume: the nodes it
+    filled, created only when the run succeeds (None given: a new one).
     """
 
-    def __init__(self, inputs, outputSegmentation, tempDir, addRegions, tableNode, progressCallback, logCallback, completedCallback):
+    def __init__(self, inputs, outputSegmentation, tempDir, options: dict, progressCallback, logCallback, completedCallback):
         self.inputs = inputs
         self.outputSegmentation = outputSegmentation
         self.tempDir = tempDir
-        self.addRegions = addRegions
-        self.volumeTable = tableNode
+        self.addRegions = options["addRegions"]
+        self.regionsSegmentation = options["regionsSegmentation"]
+        self.volumeTable = options["tableNode"]
+        self.confidenceVolume = None
         self.progressCallback = progressCallback
         self.logCallback = logCallback
         self.completedCallback = completedCallback
@@ -410,6 +513,7 @@ class SegmentationTask:
         self.status = "running"
         self.message = ""
         self.partsNote = None
+        self.notes = None
         self.startTime = time.time()
         self.elapsed = 0.0
 
@@ -421,65 +525,89 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
     that torch never loads into Slicer and the user interface stays responsive; its output
     is read line by line by a thread and handled on the main thread by a qt.QTimer, as
     SlicerMONAIAuto3DSeg does. The same command line goes to one long-lived
-    ``-m KANTumorSegLib worker`` process, started on the first run, so that later runs skip
-    the Python, torch and GPU start-up; a run gets a process of its own only when the worker
-    cannot start (or is busy with another run). The worker exits after 10 idle minutes, when
-    a run is cancelled, and when the module is unloaded; the next run starts a new one.
+    ``-m KANTumorSegLib worker`` process, started (and warmed up on a small phantom) in the
+    background when the module is entered or on the first run, so that no run pays for the
+    Python, torch, GPU and model start-up; a run gets a process of its own only when the worker
+    cannot start (the next run tries again) or is busy with another run. The worker exits after
+    10 idle minutes, when a run is cancelled, and when the module is unloaded.
     """
 
     POLL_INTERVAL_MS = 200
+    EDIT_DEBOUNCE_MS = 700
+    """Volumes are recomputed this long after the last edit of a followed segmentation."""
+    LOW_CONFIDENCE_PERCENT = 80
+    """The confidence map shows voxels below this confidence (hot colours for the lowest)."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._requirementsChecked = False
         self._worker = None
-        self._workerFailedFor = None
+        self._workerStart = None
+        self._followed = None
 
     def getParameterNode(self):
         return KANTumorSegParameterNode(super().getParameterNode())
 
     # ------------------------------------------------------------------ dependencies
 
-    def setupPythonRequirements(self) -> bool:
-        """Make torch (through the PyTorch extension) and the other packages available to
-        the child process, asking the user first. Returns True when Slicer must restart."""
+    @staticmethod
+    def requirements() -> list:
+        """(distribution, minimum version, line) of the module's one requirements list."""
+        from KANTumorSegLib.slicer_support import read_requirements
+
+        return read_requirements(os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", REQUIREMENTS_FILE))
+
+    def setupPythonRequirements(self) -> None:
+        """Make torch (through the PyTorch extension) and the other packages of the requirements
+        list available to the child process, asking the user first; an older copy (another
+        extension's) is upgraded. Versions are read from package metadata: nothing is imported
+        into Slicer's process when all is installed, and nothing needs a restart, because the
+        segmentation runs in a child process."""
         if self._requirementsChecked:
-            return False
-        import importlib.metadata
-        import importlib.util
+            return
+        from KANTumorSegLib.slicer_support import installed_version, unmet_requirements
 
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            raise RuntimeError(
-                _("KANTumorSeg needs the PyTorch extension: install it from the Extensions Manager and restart 3D Slicer.")) from None
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        restartNeeded = False
-        minimum = ".".join(str(v) for v in MINIMUM_TORCH_VERSION)
-        if not torchLogic.torchInstalled():
-            # A torch that failed to load earlier stays in memory: a fresh install then needs a restart.
-            torchWasLoaded = "torch" in sys.modules
-            torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=f">={minimum}")
-            if torch is None:
-                raise RuntimeError(_("PyTorch is required: install it with the PyTorch Utils module or allow the installation."))
-            restartNeeded = torchWasLoaded
-        else:
-            version = importlib.metadata.version("torch")
-            numbers = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
-            if numbers < MINIMUM_TORCH_VERSION:
+        requirements = self.requirements()
+        torchRequirement = next(r for r in requirements if r[0] == "torch")
+        if unmet_requirements([torchRequirement], installed_version):
+            if installed_version("torch") is not None:
+                raise RuntimeError(_("PyTorch {version} is too old; use the PyTorch Utils module to install {requirement}.").format(
+                    version=installed_version("torch"), requirement=torchRequirement[2]))
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
                 raise RuntimeError(
-                    _("PyTorch {version} is too old; use the PyTorch Utils module to install version {minimum} or newer.").format(
-                        version=version, minimum=minimum))
+                    _("KANTumorSeg needs the PyTorch extension: install it from the Extensions Manager and restart 3D Slicer.")) from None
+            # installTorch imports torch into Slicer's process once installed: only on this first install.
+            minimum = ">=" + ".".join(str(number) for number in torchRequirement[1])
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=minimum) is None:
+                raise RuntimeError(_("PyTorch is required: install it with the PyTorch Utils module or allow the installation."))
 
-        missing = [requirement for name, requirement in OTHER_REQUIREMENTS if importlib.util.find_spec(name) is None]
-        if missing:
-            if not slicer.app.testingEnabled() and not slicer.util.confirmOkCancelDisplay(
-                    _("KANTumorSeg needs the Python packages {packages}. Install them now?").format(packages=", ".join(missing))):
-                raise RuntimeError(_("The packages {packages} are required.").format(packages=", ".join(missing)))
-            for requirement in missing:
-                slicer.util.pip_install(requirement)
+        unmet = unmet_requirements([r for r in requirements if r[0] != "torch"], installed_version)
+        if unmet:
+            self._installPackages(unmet)
         self._requirementsChecked = True
-        return restartNeeded
+
+    @staticmethod
+    def _installPackages(requirements: list) -> None:
+        """Install or upgrade packages with the user's consent: slicer.packaging (Slicer 5.10 and
+        later) asks itself and respects other extensions' constraints; older Slicer: pip_install."""
+        refused = _("The packages {packages} are required.").format(packages=", ".join(requirements))
+        try:
+            from slicer import packaging
+        except ImportError:
+            packaging = None
+        if hasattr(packaging, "pip_install") and hasattr(packaging, "InstallationAbortedError"):
+            try:
+                packaging.pip_install(list(requirements), interactive=not slicer.app.testingEnabled())
+            except packaging.InstallationAbortedError:
+                raise RuntimeError(refused) from None
+            return
+        if not slicer.app.testingEnabled() and not slicer.util.confirmOkCancelDisplay(
+                _("KANTumorSeg needs the Python packages {packages}. Install them now?").format(packages=", ".join(requirements))):
+            raise RuntimeError(refused)
+        for requirement in requirements:
+            slicer.util.pip_install(requirement)
 
     # ------------------------------------------------------------------ inputs and model
 
@@ -504,7 +632,6 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
 
     def modelCardText(self, model: Optional[str] = None) -> str:
         """The model card as text for the Advanced section, or why it cannot be read."""
-        import json
         from pathlib import Path
 
         from KANTumorSegLib.errors import KANTumorSegError
@@ -518,22 +645,100 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         shown = {key: value for key, value in card.items() if key != "sha256"}
         return _("Model: {path}").format(path=path) + "\n" + json.dumps(shown, indent=1)
 
+    # ------------------------------------------------------------------ the worker
+
+    @staticmethod
+    def _childProcess() -> tuple:
+        """(PythonSlicer, environment) of the command and the worker."""
+        from KANTumorSegLib import slicer_support
+
+        pythonSlicer = shutil.which("PythonSlicer")
+        if not pythonSlicer:
+            raise RuntimeError(_("PythonSlicer was not found next to 3D Slicer; reinstall 3D Slicer."))
+        environment = slicer.util.startupEnvironment()
+        environment.update(slicer_support.child_environment(environment))
+        return pythonSlicer, environment
+
+    def warmUp(self, device: str = "auto", model: Optional[str] = None, readyCallback=None) -> None:
+        """Start the worker in the background and run a small phantom through it (torch import,
+        device start, model load), so that the first Segment click costs what later ones do.
+        Nothing happens when a worker already runs or starts, or torch is not installed yet.
+        ``readyCallback(device)`` is called on the main thread when the warm-up has finished,
+        with the device it ran on (None when the worker did not start)."""
+        from KANTumorSegLib import slicer_support
+
+        if self._workerStart is not None and (not self._workerStart.done() or self._workerUsable()):
+            return
+        if slicer_support.unmet_requirements(self.requirements(), slicer_support.installed_version):
+            return
+        pythonSlicer, environment = self._childProcess()
+        self.stopWorker()
+        scratch = slicer.util.tempDirectory("KANTumorSegWarmUp")
+        warmup = (lambda: slicer_support.warmup_request(scratch, device, self.modelPath(model)), scratch)
+        self._worker = slicer_support.Worker(pythonSlicer, environment, slicer_support.library_parent())
+        self._workerStart = slicer_support.BackgroundStart(self._worker, warmup)
+        if readyCallback:
+            self._whenWorkerReady(self._workerStart, readyCallback)
+
+    def _whenWorkerReady(self, start, callback) -> None:
+        if not start.done():
+            qt.QTimer.singleShot(self.POLL_INTERVAL_MS, lambda: self._whenWorkerReady(start, callback))
+            return
+        callback(start.device if start.error is None else None)
+
+    def _workerUsable(self) -> bool:
+        return self._workerStart is not None and self._workerStart.error is None and self._worker.alive()
+
+    def _workerStartFor(self, pythonSlicer: str, environment: dict, task):
+        """The worker's BackgroundStart this run should wait for (a worker started, starting or
+        warming up for this PythonSlicer and environment; a new one when there is none), or None
+        when the run must get its own process (the worker is busy with another run)."""
+        from KANTumorSegLib.slicer_support import BackgroundStart, Worker, library_parent
+
+        start = self._workerStart
+        if start is not None and self._worker.serves(pythonSlicer, environment):
+            if not start.done():
+                return start
+            if self._workerUsable():
+                if self._worker.busy:
+                    self._log(task, _("The background worker is busy with another run; this run gets a process of its own."))
+                    return None
+                return start
+        self.stopWorker()
+        self._worker = Worker(pythonSlicer, environment, library_parent())
+        self._workerStart = BackgroundStart(self._worker)
+        return self._workerStart
+
+    def stopWorker(self) -> None:
+        """End the background worker (a running segmentation with it); the next run starts a new one."""
+        if self._worker is not None:
+            self._worker.stop()
+        self._worker = None
+        self._workerStart = None
+
     # ------------------------------------------------------------------ running
 
     def process(self, t1, t1ce, t2, flair, outputSegmentation, device="auto", waitForCompletion=False, progressCallback=None,
-                model=None, labels="brats2020", addRegions=False, tableNode=None, logCallback=None, completedCallback=None):
+                model=None, labels="brats2020", addRegions=False, tableNode=None, logCallback=None, completedCallback=None,
+                confidence=False, regionsSegmentation=None):
         """Segment the tumour in four volumes into ``outputSegmentation``.
 
+        :param outputSegmentation: receives the NCR, ED and ET segments when the run succeeds
+            (its segments are replaced then, and only then); None: a new segmentation is created
+            on success, so that a failed or cancelled run leaves nothing behind.
         :param device: auto, cuda, mps or cpu (``--device`` of the command).
         :param waitForCompletion: block until done (for scripts and tests); otherwise return at
             once and report through the callbacks while the user interface stays live.
         :param progressCallback: called with (stage, done, total, fraction of the whole run).
         :param model: weights file; None for the shipped model.
         :param labels: label convention of the written labelmap (brats2020 or brats2023).
-        :param addRegions: also add WT and TC as segments.
+        :param addRegions: also make WT and TC segments, in a separate segmentation derived from
+            the classes (``regionsSegmentation``, or a new one), so that editing them never
+            changes NCR, ED or ET.
         :param tableNode: table to fill with the volumes; a new one when None.
         :param logCallback: called with each line the process prints.
         :param completedCallback: called with the task when it has completed, failed or been cancelled.
+        :param confidence: ``--confidence``: a confidence map (loaded as a volume) and volume ranges.
         :return: the SegmentationTask; with waitForCompletion a failure raises RuntimeError with its message.
         """
         from KANTumorSegLib import slicer_support
@@ -545,35 +750,35 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("The {modality} volume is not set.").format(modality=slicer_support.MODALITY_TITLES[missing[0]]))
         if duplicates:
             raise ValueError(_("The four inputs must be four different volumes."))
-        if outputSegmentation is None:
-            raise ValueError(_("The output segmentation is not set."))
         self.setupPythonRequirements()
-        pythonSlicer = shutil.which("PythonSlicer")
-        if not pythonSlicer:
-            raise RuntimeError(_("PythonSlicer was not found next to 3D Slicer; reinstall 3D Slicer."))
+        pythonSlicer, environment = self._childProcess()
 
         tempDir = slicer.util.tempDirectory("KANTumorSeg")
-        task = SegmentationTask(inputs, outputSegmentation, tempDir, addRegions, tableNode,
-                                progressCallback, logCallback, completedCallback)
+        options = {"addRegions": addRegions, "regionsSegmentation": regionsSegmentation, "tableNode": tableNode}
+        task = SegmentationTask(inputs, outputSegmentation, tempDir, options, progressCallback, logCallback, completedCallback)
         try:
             files = {}
             for modality, node in inputs.items():
                 files[modality] = os.path.join(tempDir, f"{modality}.nrrd")
                 # exportNode leaves the node's own storage node (and the scene's file names) untouched;
-                # world=True applies a parent transform as the user sees the volume.
-                slicer.util.exportNode(node, files[modality], {"useCompression": 0}, world=True)
+                # world=True applies a parent transform as the user sees the volume. It returns False
+                # (and only logs) when it cannot write.
+                if not slicer.util.exportNode(node, files[modality], {"useCompression": 0}, world=True):
+                    raise RuntimeError(_("The {modality} volume '{name}' could not be written to {path} for the segmentation.").format(
+                        modality=slicer_support.MODALITY_TITLES[modality], name=node.GetName(), path=files[modality]))
             command = slicer_support.build_command(
                 pythonSlicer, files, os.path.join(tempDir, "output"), slicer_support.case_name_for(t1ce.GetName()),
-                device, self.modelPath(model), labels)
-            environment = slicer.util.startupEnvironment()
-            environment.update(slicer_support.child_environment(environment))
+                device, self.modelPath(model), labels, confidence)
             logging.info(f"KANTumorSeg command: {command}")
-            self._start(task, command, pythonSlicer, environment)
+            start = self._workerStartFor(pythonSlicer, environment, task)
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
 
         if waitForCompletion:
+            if start is not None:
+                start.wait()
+            self._submit(task, command, environment, start)
             for line in task.process.stdout:
                 self._handleLine(task, line)
                 slicer.app.processEvents()
@@ -582,56 +787,49 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             if task.status != "completed":
                 raise RuntimeError(task.message)
         else:
-            task.reader = threading.Thread(target=self._readLines, args=(task,), daemon=True)
-            task.reader.start()
-            qt.QTimer.singleShot(self.POLL_INTERVAL_MS, lambda: self._poll(task))
+            self._submitWhenStarted(task, command, environment, start)
         return task
 
-    def _start(self, task, command, pythonSlicer: str, environment: dict) -> None:
-        """Run the command in the worker (started or replaced as needed), else in its own process."""
+    def _submitWhenStarted(self, task, command, environment, start) -> None:
+        """Main thread: submit the run once the worker has started (polled, so the user interface
+        stays live during a slow start or the warm-up), then read its output in a thread."""
+        if task.cancelRequested:
+            self._finish(task)
+            return
+        if start is not None and not start.done():
+            qt.QTimer.singleShot(self.POLL_INTERVAL_MS, lambda: self._submitWhenStarted(task, command, environment, start))
+            return
+        try:
+            self._submit(task, command, environment, start)
+        except OSError as error:
+            task.status = "failed"
+            task.message = _("The segmentation could not start: {error}").format(error=error)
+            shutil.rmtree(task.tempDir, ignore_errors=True)
+            if task.completedCallback:
+                task.completedCallback(task)
+            return
+        task.reader = threading.Thread(target=self._readLines, args=(task,), daemon=True)
+        task.reader.start()
+        qt.QTimer.singleShot(self.POLL_INTERVAL_MS, lambda: self._poll(task))
+
+    def _submit(self, task, command, environment, start) -> None:
+        """Run the command in the started worker, else in a process of its own."""
         from KANTumorSegLib import slicer_support
 
-        worker = self._workerFor(pythonSlicer, environment, task)
-        if worker is not None:
+        if start is not None and start.error is not None:
+            self._log(task, _("The background worker could not start: {error}. This run gets a process of its own "
+                              "(with the start-up time that takes); the next run tries the worker again.").format(error=start.error))
+            if start is self._workerStart:
+                self.stopWorker()
+        elif start is not None and start is self._workerStart:
             try:
-                task.process = worker.submit(slicer_support.worker_arguments(command))
-                task.worker = worker
+                task.process = self._worker.submit(slicer_support.worker_arguments(command))
+                task.worker = self._worker
                 return
             except slicer_support.WorkerError as error:
                 self._log(task, _("The background worker could not take this run: {error}. "
                                   "It runs in a process of its own.").format(error=error))
         task.process = slicer_support.launch(command, environment, slicer_support.library_parent())
-
-    def _workerFor(self, pythonSlicer: str, environment: dict, task):
-        """The running worker for this PythonSlicer and environment, started when there is
-        none (or it has ended, or they changed); None when the run must get its own process."""
-        from KANTumorSegLib.slicer_support import Worker, WorkerError, library_parent
-
-        if self._worker is not None and self._worker.busy:
-            self._log(task, _("The background worker is busy with another run; this run gets a process of its own."))
-            return None
-        if self._worker is not None and self._worker.serves(pythonSlicer, environment) and self._worker.alive():
-            return self._worker
-        self.stopWorker()
-        if self._workerFailedFor == pythonSlicer:
-            return None
-        worker = Worker(pythonSlicer, environment, library_parent())
-        try:
-            worker.start()
-        except (OSError, WorkerError) as error:
-            # Remembered: a PythonSlicer that does not pass its input on would fail every time.
-            self._workerFailedFor = pythonSlicer
-            self._log(task, _("The background worker could not start: {error}. Each run gets a process of its own, "
-                              "with the start-up time that takes.").format(error=error))
-            return None
-        self._worker = worker
-        return worker
-
-    def stopWorker(self) -> None:
-        """End the background worker (a running segmentation with it); the next run starts a new one."""
-        if self._worker is not None:
-            self._worker.stop()
-            self._worker = None
 
     @staticmethod
     def _log(task, text: str) -> None:
@@ -678,16 +876,24 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             task.logCallback(parsed.text)
 
     def cancel(self, task) -> None:
-        """Stop a running task and every process it started; its partial output is discarded."""
+        """Stop a running task and every process it started; its partial output is discarded.
+        A run still waiting for the worker to start ends without starting."""
         from KANTumorSegLib.slicer_support import terminate_tree
 
-        if task.process is not None and task.status == "running":
-            task.cancelRequested = True
-            if task.worker is not None:
-                # The worker stops with the run (exit 143, its outputs removed); the next run starts a new one.
-                task.worker.stop()
-            else:
-                terminate_tree(task.process)
+        if task.status != "running":
+            return
+        task.cancelRequested = True
+        if task.process is None:
+            return
+        if task.worker is not None:
+            # The worker stops with the run (exit 143, its outputs removed); the next run starts a new one.
+            task.worker.stop()
+        else:
+            terminate_tree(task.process)
+
+    @staticmethod
+    def _inScene(node) -> bool:
+        return node is None or slicer.mrmlScene.IsNodePresent(node)
 
     def _finish(self, task) -> None:
         """Import the result (or record why there is none), remove the temporary files, report."""
@@ -697,6 +903,11 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         try:
             if task.cancelRequested:
                 task.status = "cancelled"
+            elif not all(self._inScene(n) for n in (*task.inputs.values(), task.outputSegmentation, task.regionsSegmentation,
+                                                      task.volumeTable)):
+                # The scene was closed, or a node removed, during the run: nothing to import into.
+                task.status = "cancelled"
+                task.message = _("The input or output nodes were removed during the run; the result was not loaded.")
             elif task.process.returncode == 0 and task.files.get("segmentation"):
                 self._importResult(task)
                 task.status = "completed"
@@ -713,19 +924,24 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             task.completedCallback(task)
 
     def _importResult(self, task) -> None:
-        segmentationNode = task.outputSegmentation
+        """Read everything the run wrote first, into new nodes; only then replace the output's
+        segments, so that a file that does not read leaves the user's segments as they were."""
+        from KANTumorSegLib import slicer_support
+        from KANTumorSegLib.measurements import parts_sentence
+
         reference = task.inputs["t1ce"]
-        # Read the .seg.nrrd into the chosen node with a temporary storage node (as
-        # SlicerMONAIAuto3DSeg's readSegmentation does): loadSegmentation would make a new node.
-        # Names, colours and terminology come from the file.
-        segmentationNode.GetSegmentation().RemoveAllSegments()
-        storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+        with open(task.files["volumes_json"], encoding="utf-8") as stream:
+            written = json.load(stream)
+        loaded = self._readSegmentation(task.files["segmentation"])
         try:
-            storageNode.SetFileName(task.files["segmentation"])
-            if not storageNode.ReadData(segmentationNode):
-                raise RuntimeError(_("{path} could not be read.").format(path=task.files["segmentation"]))
+            segmentationNode = task.outputSegmentation
+            if segmentationNode is None:
+                segmentationNode = slicer.mrmlScene.AddNewNodeByClass(
+                    "vtkMRMLSegmentationNode", _("{name} tumour").format(name=reference.GetName()))
+            segmentationNode.GetSegmentation().DeepCopy(loaded.GetSegmentation())
         finally:
-            slicer.mrmlScene.RemoveNode(storageNode)
+            slicer.mrmlScene.RemoveNode(loaded)
+        task.outputSegmentation = segmentationNode
         segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(), reference.GetID())
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(reference)
@@ -735,16 +951,54 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         studyItem = shNode.GetItemParent(shNode.GetItemByDataNode(reference))
         shNode.SetItemParent(shNode.GetItemByDataNode(segmentationNode), studyItem)
 
-        from KANTumorSegLib.measurements import parts_sentence
-
-        with open(task.files["volumes_json"], encoding="utf-8") as stream:
-            task.partsNote = parts_sentence(json.load(stream)["whole_tumour_parts"])
+        task.partsNote = parts_sentence(written["whole_tumour_parts"])
+        task.notes = slicer_support.result_notes(written)
         if task.addRegions:
-            self.addRegionSegments(segmentationNode, reference)
-        segmentationNode.CreateClosedSurfaceRepresentation()
-        task.volumeTable = self.updateVolumeTable(segmentationNode, reference, task.volumeTable)
+            task.regionsSegmentation = self.updateRegionSegments(segmentationNode, reference, task.regionsSegmentation)
+        dimensions = reference.GetImageData().GetDimensions()
+        if slicer_support.show_3d_by_default(dimensions[0] * dimensions[1] * dimensions[2]):
+            segmentationNode.CreateClosedSurfaceRepresentation()
+        task.volumeTable = self.updateVolumeTable(segmentationNode, reference, task.volumeTable, task.notes)
+        confidencePath = slicer_support.confidence_file(task.files)
+        if confidencePath is not None:
+            task.confidenceVolume = self.loadConfidence(str(confidencePath), reference)
         if slicer.app.layoutManager() is not None:
             slicer.util.setSliceViewerLayers(background=reference, fit=True)
+
+    @staticmethod
+    def _readSegmentation(path: str):
+        """A new segmentation node read from a .seg.nrrd (with a temporary storage node, as
+        SlicerMONAIAuto3DSeg reads its result); names, colours and terminology come from the file."""
+        loaded = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+        try:
+            storageNode.SetFileName(path)
+            if not storageNode.ReadData(loaded):
+                raise RuntimeError(_("{path} could not be read.").format(path=path))
+        except Exception:
+            slicer.mrmlScene.RemoveNode(loaded)
+            raise
+        finally:
+            slicer.mrmlScene.RemoveNode(storageNode)
+        return loaded
+
+    def loadConfidence(self, path: str, reference):
+        """Load the confidence map (0-100 %) as a volume shown over the T1ce: voxels below
+        LOW_CONFIDENCE_PERCENT in hot-to-cold colours (red where least sure), the rest transparent."""
+        node = slicer.util.loadVolume(path, {"name": _("{name} confidence").format(name=reference.GetName()), "show": False})
+        displayNode = node.GetDisplayNode()
+        displayNode.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileHotToColdRainbow.txt")
+        displayNode.AutoWindowLevelOff()
+        displayNode.SetWindowLevelMinMax(0, self.LOW_CONFIDENCE_PERCENT)
+        displayNode.AutoThresholdOff()
+        displayNode.SetThreshold(0, self.LOW_CONFIDENCE_PERCENT - 1)
+        displayNode.ApplyThresholdOn()
+        return node
+
+    @staticmethod
+    def showConfidence(confidenceVolume, show: bool) -> None:
+        """Show the confidence map as the slice views' foreground (half transparent), or hide it."""
+        slicer.util.setSliceViewerLayers(foreground=confidenceVolume if show else None, foregroundOpacity=0.5)
 
     # ------------------------------------------------------------------ results
 
@@ -770,46 +1024,91 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("The segmentation has none of the segments NCR, ED and ET."))
         return masks
 
-    def addRegionSegments(self, segmentationNode, referenceVolume) -> None:
-        """Add WT and TC, computed from the current NCR, ED and ET, as extra segments."""
+    def updateRegionSegments(self, segmentationNode, referenceVolume, regionsNode=None):
+        """WT and TC computed from the current NCR, ED and ET, in a segmentation of their own
+        (``regionsNode``, or a new one): overlapping segments in one node would let an edit of
+        WT overwrite the classes (Segment Editor's default), so the classes stay the editable
+        truth and the regions are derived from them, again at every volume update."""
         from KANTumorSegLib.slicer_support import REGION_SEGMENTS, compose_labels, region_masks, region_terminology_entry
 
         masks = region_masks(compose_labels(self.classMasks(segmentationNode, referenceVolume)))
-        segmentation = segmentationNode.GetSegmentation()
+        if regionsNode is None:
+            regionsNode = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", _("{name} regions (derived)").format(name=segmentationNode.GetName()))
+            regionsNode.CreateDefaultDisplayNodes()
+            regionsNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
+        segmentation = regionsNode.GetSegmentation()
         for segmentId, name, color in REGION_SEGMENTS:
-            if segmentation.GetSegment(segmentId):
-                segmentation.RemoveSegment(segmentId)
-            segmentation.AddEmptySegment(segmentId, name, color)
-            segment = segmentation.GetSegment(segmentId)
-            segment.SetTag(segment.GetTerminologyEntryTagName(), region_terminology_entry())
-            slicer.util.updateSegmentBinaryLabelmapFromArray(masks[segmentId], segmentationNode, segmentId, referenceVolume)
+            if not segmentation.GetSegment(segmentId):
+                segmentation.AddEmptySegment(segmentId, name, color)
+                segment = segmentation.GetSegment(segmentId)
+                segment.SetTag(segment.GetTerminologyEntryTagName(), region_terminology_entry())
+            slicer.util.updateSegmentBinaryLabelmapFromArray(masks[segmentId], regionsNode, segmentId, referenceVolume)
+        return regionsNode
 
-    def updateVolumeTable(self, segmentationNode, referenceVolume, tableNode=None):
+    def updateVolumeTable(self, segmentationNode, referenceVolume, tableNode=None, notes=None):
         """Fill (or create) a table of NCR, ED, ET, WT and TC volumes in mL from the current
-        segments, measured by KANTumorSegLib on the reference volume's grid."""
-        from KANTumorSegLib.slicer_support import TABLE_COLUMNS, volume_rows
+        segments, measured by KANTumorSegLib on the reference volume's grid. ``notes`` (the run's
+        ResultNotes) adds a Range column: the model's range for every region the edits left as
+        the command measured it."""
+        from KANTumorSegLib.slicer_support import TABLE_COLUMNS, current_ranges, range_text, volume_rows
 
         if segmentationNode is None or referenceVolume is None:
             raise ValueError(_("Select the output segmentation and the T1ce volume first."))
         volumes = volume_rows(self.classMasks(segmentationNode, referenceVolume), referenceVolume.GetSpacing())
+        ranges = current_ranges(notes, volumes["regions"]) if notes is not None else {}
         if tableNode is None:
             tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", _("{name} volumes").format(name=segmentationNode.GetName()))
         region, description, volume, voxels = vtk.vtkStringArray(), vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkIntArray()
-        for array, name in zip((region, description, volume, voxels), TABLE_COLUMNS):
+        columns = [region, description, volume, voxels]
+        if notes is not None and notes.ranges:
+            columns.append(vtk.vtkStringArray())
+        for array, name in zip(columns, TABLE_COLUMNS):
             array.SetName(name)
         for row in volumes["regions"]:
             region.InsertNextValue(row["name"])
             description.InsertNextValue(row["description"])
             volume.InsertNextValue(row["volume_ml"])
             voxels.InsertNextValue(row["voxels"])
+            if len(columns) > 4:
+                columns[4].InsertNextValue(range_text(ranges.get(row["name"])))
         # Filled as SegmentStatistics' exportToTable fills its table.
         wasModifying = tableNode.StartModify()
         tableNode.RemoveAllColumns()
-        for array in (region, description, volume, voxels):
+        for array in columns:
             tableNode.AddColumn(array)
         tableNode.SetColumnUnitLabel("Volume", "mL")
+        if len(columns) > 4:
+            tableNode.SetColumnUnitLabel(TABLE_COLUMNS[4], "mL")
         tableNode.EndModify(wasModifying)
         return tableNode
+
+    def followEdits(self, segmentationNode, callback) -> None:
+        """Call ``callback()`` EDIT_DEBOUNCE_MS after the last edit of the segmentation's
+        segments (a paint stroke fires many events; one update follows the burst). Following
+        another segmentation, or None, stops following the previous one."""
+        self.stopFollowingEdits()
+        if segmentationNode is None:
+            return
+        segmentation = segmentationNode.GetSegmentation()
+        state = {"segmentation": segmentation, "generation": 0, "tags": []}
+
+        def onEdit(caller=None, event=None) -> None:
+            state["generation"] += 1
+            generation = state["generation"]
+            qt.QTimer.singleShot(self.EDIT_DEBOUNCE_MS,
+                                 lambda: self._followed is state and state["generation"] == generation and callback())
+
+        for event in (slicer.vtkSegmentation.SourceRepresentationModified, slicer.vtkSegmentation.SegmentAdded,
+                      slicer.vtkSegmentation.SegmentRemoved):
+            state["tags"].append(segmentation.AddObserver(event, onEdit))
+        self._followed = state
+
+    def stopFollowingEdits(self) -> None:
+        if self._followed is not None:
+            for tag in self._followed["tags"]:
+                self._followed["segmentation"].RemoveObserver(tag)
+            self._followed = None
 
     @staticmethod
     def exportCsv(tableNode, path: str) -> None:

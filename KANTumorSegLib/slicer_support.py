@@ -19,8 +19,9 @@ from pathlib import Path
 
 MODALITY_TITLES: dict[str, str] = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 
-TABLE_COLUMNS: tuple[str, ...] = ("Region", "Description", "Volume", "Voxels")
-"""Columns of the module's volume table (Volume in mL)."""
+TABLE_COLUMNS: tuple[str, ...] = ("Region", "Description", "Volume", "Voxels", "Range")
+"""Columns of the module's volume table (Volume in mL; Range, the model's low-high mL, only
+after a run with --confidence)."""
 
 LIBRARY_PACKAGE = "KANTumorSegLib"
 
@@ -132,8 +133,10 @@ def build_command(
     device: str,
     model: str | Path,
     labels: str,
+    confidence: bool = False,
 ) -> list[str]:
-    """The exact ``python -m KANTumorSegLib segment ...`` command the module launches."""
+    """The exact ``python -m KANTumorSegLib segment ...`` command the module launches;
+    ``confidence`` adds ``--confidence`` (a confidence map and volume ranges, issue 14)."""
     from .preprocessing import MODALITIES
 
     command = [str(python), "-m", LIBRARY_PACKAGE, "segment"]
@@ -141,7 +144,7 @@ def build_command(
         command += [f"--{modality}", str(inputs[modality])]
     command += ["-o", str(output_dir), "--case-name", case_name, "--device", device,
                 "--model", str(model), "--labels", labels, "--progress", "jsonl", "--overwrite"]
-    return command
+    return command + (["--confidence"] if confidence else [])
 
 
 def worker_arguments(command: Sequence[str]) -> list[str]:
@@ -222,6 +225,128 @@ def failure_message(error_lines: Sequence[str], return_code: int | None) -> str:
     if return_code in (130, 143) or (return_code is not None and return_code < 0):
         return "The segmentation was stopped before it finished; no output was written."
     return f"The segmentation process failed (exit code {return_code}); see the log for details."
+
+
+# ----------------------------------------------------------------------------- the run's results
+
+
+@dataclass
+class ResultNotes:
+    """What the module shows beside the segments, from the command's ``<case>_volumes.json``.
+
+    warnings: the messages of its ``warnings`` list (inputs the model was not made for);
+    ranges: region -> (low, high) mL, present when the run had ``--confidence``;
+    voxels: region -> voxel count, to tell whether an edited region still has its range.
+    Outputs without these fields (older commands) give empty ones.
+    """
+
+    warnings: list[str] = field(default_factory=list)
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    voxels: dict[str, int] = field(default_factory=dict)
+
+
+def result_notes(volumes: Mapping) -> ResultNotes:
+    """The warnings, volume ranges and voxel counts of a parsed ``<case>_volumes.json``."""
+    notes = ResultNotes()
+    for warning in volumes.get("warnings") or []:
+        if isinstance(warning, Mapping) and warning.get("message"):
+            notes.warnings.append(str(warning["message"]))
+    for region in volumes.get("regions") or []:
+        notes.voxels[region["name"]] = int(region["voxels"])
+        low_high = region.get("range_ml")
+        if isinstance(low_high, Sequence) and len(low_high) == 2:
+            notes.ranges[region["name"]] = (float(low_high[0]), float(low_high[1]))
+    return notes
+
+
+def current_ranges(notes: ResultNotes, regions: Sequence[Mapping]) -> dict[str, tuple[float, float]]:
+    """The ranges that still describe the measured regions: those of regions whose voxel count
+    is the command's (a region changed by an edit no longer has the model's range)."""
+    return {r["name"]: notes.ranges[r["name"]] for r in regions
+            if r["name"] in notes.ranges and notes.voxels.get(r["name"]) == int(r["voxels"])}
+
+
+def range_text(low_high: tuple[float, float] | None) -> str:
+    """A range as the command's summary prints it (``165.2-180.1``); empty when there is none."""
+    return f"{low_high[0]:.1f}-{low_high[1]:.1f}" if low_high else ""
+
+
+def confidence_file(files: Mapping[str, str]) -> Path | None:
+    """The run's ``<case>_confidence.nii.gz`` (``--confidence``), from its done line or beside its
+    volumes file; None when the run wrote none."""
+    path = files.get("confidence")
+    if not path and files.get("volumes_json"):
+        volumes = str(files["volumes_json"])
+        path = volumes[: -len("_volumes.json")] + "_confidence.nii.gz" if volumes.endswith("_volumes.json") else None
+    return Path(path) if path and Path(path).is_file() else None
+
+
+def confidence_by_default(device_choice: str, resolved_device: str | None) -> bool:
+    """Whether the Confidence option starts on: on a CUDA GPU (chosen, or the one the automatic
+    choice found) the extra passes cost well under the run's time; on a CPU it is the user's call."""
+    return device_choice == "cuda" or (device_choice == "auto" and resolved_device == "cuda")
+
+
+SHOW_3D_MAX_VOXELS = 20_000_000
+"""Reference grids with more voxels than this (512 x 512 x 80 and up) start without closed
+surfaces: building them takes seconds and slows every edit; Show 3D turns them on."""
+
+
+def show_3d_by_default(grid_voxels: int) -> bool:
+    """Whether the result's closed surfaces (3D view) are built at once."""
+    return grid_voxels <= SHOW_3D_MAX_VOXELS
+
+
+# ----------------------------------------------------------------------------- requirements
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version (``2.4.1+cu121`` -> (2, 4, 1))."""
+    numbers = []
+    for part in re.split(r"[.+-]", version):
+        match = re.match(r"\d+", part)
+        if not match:
+            break
+        numbers.append(int(match.group()))
+        if match.group() != part:
+            break
+    return tuple(numbers)
+
+
+def read_requirements(path: str | Path) -> list[tuple[str, tuple[int, ...], str]]:
+    """(distribution, minimum version, requirement line) of each ``name>=X.Y`` line of a
+    requirements list (comments and blank lines skipped)."""
+    requirements = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9][0-9.]*)", line)
+        if match is None:
+            raise ValueError(f"{path}: expected 'name>=version', got {line!r}")
+        requirements.append((match.group(1), version_tuple(match.group(2)), line))
+    return requirements
+
+
+def unmet_requirements(requirements: Sequence[tuple[str, tuple[int, ...], str]], installed_version) -> list[str]:
+    """The requirement lines that are missing or installed older (another extension's copy),
+    given ``installed_version(name) -> version string or None``."""
+    unmet = []
+    for name, minimum, line in requirements:
+        version = installed_version(name)
+        if version is None or version_tuple(version) < minimum:
+            unmet.append(line)
+    return unmet
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution, read from its metadata without importing it."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 # ----------------------------------------------------------------------------- volumes table
@@ -477,6 +602,88 @@ class WorkerRun:
 
     def poll(self) -> int | None:
         return self.returncode
+
+
+START_TIMEOUT_S = 120.0
+"""How long a worker may take to answer its first ping (a cold disk, an antivirus scan) before
+the run waiting for it gets a process of its own; the next run tries a worker again."""
+
+WARMUP_SHAPE = (240, 240, 16)
+"""The warm-up phantom: BraTS's in-plane size and one batch of slices, so that the first real
+case finds torch imported, the device started and the model's kernels loaded."""
+
+
+def warmup_request(folder: str | Path, device: str, model: str | Path) -> list[str]:
+    """Write a small synthetic phantom case into ``folder`` (in a process of its own, so that
+    numpy and SimpleITK work never holds the caller's interpreter) and return the ``segment``
+    request that warms a worker up on it."""
+    import subprocess
+    import sys
+
+    folder = Path(folder)
+    case = folder / "case"
+    size = [str(n) for n in WARMUP_SHAPE]
+    subprocess.run([sys.executable, "-m", f"{LIBRARY_PACKAGE}.phantom", str(case), "--size", *size],
+                   check=True, capture_output=True, cwd=str(library_parent()))
+    return ["segment", str(case), "-o", str(folder / "out"), "--device", device, "--model", str(model),
+            "--progress", "jsonl", "--overwrite"]
+
+
+class BackgroundStart:
+    """Starts a Worker in a thread, then (optionally) warms it up with a phantom run, so that the
+    thread that asks (Slicer's main thread) never waits: it polls ``done()``.
+
+    error: why the worker did not start (None when it did); device: the device its warm-up ran
+    on (from the done line), None before or without a warm-up; seconds: start plus warm-up.
+    A failed warm-up (say, a model file that does not load) leaves a started worker: the real
+    run then reports the command's own error.
+    """
+
+    def __init__(self, worker: Worker, warmup=None, timeout_s: float = START_TIMEOUT_S) -> None:
+        """``warmup``: None, or a callable returning the warm-up's ``segment`` argument list (it
+        runs in the thread, and may prepare files), and the scratch folder to delete afterwards."""
+        import threading
+
+        self.worker = worker
+        self.error: Exception | None = None
+        self.device: str | None = None
+        self.warmup_code: int | None = None
+        self.seconds: float | None = None
+        self._thread = threading.Thread(target=self._run, args=(warmup, timeout_s), daemon=True)
+        self._thread.start()
+
+    def _run(self, warmup, timeout_s: float) -> None:
+        import shutil
+        import subprocess
+        import time
+
+        started = time.monotonic()
+        try:
+            self.worker.start(timeout_s)
+            if warmup is not None:
+                make_request, scratch = warmup
+                try:
+                    run = self.worker.submit(make_request())
+                    for line in run.stdout:
+                        parsed = parse_output_line(line)
+                        if parsed.kind == "done":
+                            self.device = json.loads(parsed.text).get("device")
+                    self.warmup_code = run.wait()
+                except (OSError, subprocess.CalledProcessError):
+                    self.warmup_code = -1
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+        except (OSError, WorkerError) as error:
+            self.error = error
+        self.seconds = time.monotonic() - started
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait (scripts, tests, benchmarks; never Slicer's main thread) until done; whether it is."""
+        self._thread.join(timeout_s)
+        return self.done()
 
 
 def _read_line_within(stream, timeout_s: float) -> str | None:

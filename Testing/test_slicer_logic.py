@@ -36,6 +36,7 @@ class _Node:
         self._id = f"vtkMRMLNode{_Node._count}"
         self._name = name
         self.references: dict[str, str] = {}
+        self.removed = False
 
     def GetID(self):
         return self._id
@@ -57,8 +58,26 @@ class _Volume(_Node):
     def GetSpacing(self):
         return self.image.GetSpacing()
 
+    def GetImageData(self):
+        return types.SimpleNamespace(GetDimensions=lambda: self.image.GetSize())
+
     def IsA(self, class_name):
         return class_name == "vtkMRMLScalarVolumeNode"
+
+    def GetDisplayNode(self):
+        if not hasattr(self, "display"):
+            self.display = _VolumeDisplay()
+        return self.display
+
+
+class _VolumeDisplay:
+    """Stands in for vtkMRMLScalarVolumeDisplayNode: records the display settings."""
+
+    def __init__(self):
+        self.settings = {}
+
+    def __getattr__(self, method):
+        return lambda *args: self.settings.__setitem__(method, args)
 
 
 class _Segment:
@@ -77,11 +96,29 @@ class _Segment:
 
 
 class _Segmentation:
-    """Stands in for vtkSegmentation: ordered segments with a mask (k, j, i) each."""
+    """Stands in for vtkSegmentation: ordered segments with a mask (k, j, i) each, and observers."""
 
     def __init__(self) -> None:
         self.segments: dict[str, _Segment] = {}
         self.masks: dict[str, np.ndarray] = {}
+        self.observers: dict[int, tuple[str, object]] = {}
+
+    def DeepCopy(self, other):
+        self.segments = dict(other.segments)
+        self.masks = {k: v.copy() for k, v in other.masks.items()}
+
+    def AddObserver(self, event, callback):
+        tag = len(self.observers) + 1
+        self.observers[tag] = (event, callback)
+        return tag
+
+    def RemoveObserver(self, tag):
+        self.observers.pop(tag)
+
+    def InvokeEvent(self, event):
+        for observed, callback in list(self.observers.values()):
+            if observed == event:
+                callback(self, event)
 
     def RemoveAllSegments(self):
         self.segments.clear()
@@ -192,6 +229,8 @@ class _Table(_Node):
 
 
 class _Scene:
+    """Stands in for vtkMRMLScene: the nodes the Logic adds; test volumes count as present until removed."""
+
     def __init__(self):
         self.nodes = []
 
@@ -202,7 +241,20 @@ class _Scene:
         return node
 
     def RemoveNode(self, node):
-        self.nodes.remove(node)
+        node.removed = True
+        if node in self.nodes:
+            self.nodes.remove(node)
+
+    def IsNodePresent(self, node):
+        return not node.removed
+
+    def Clear(self, *external):
+        """As closing the scene: every node goes, the test's volumes (``external``) too."""
+        for node in [*self.nodes, *external]:
+            self.RemoveNode(node)
+
+    def of_class(self, node_class):
+        return [n for n in self.nodes if isinstance(n, node_class)]
 
 
 class _SubjectHierarchy:
@@ -251,7 +303,13 @@ class SlicerStandIn:
             setattr(slicer, name, type(name, (), {}))
         slicer.mrmlScene = self.scene
         slicer.vtkMRMLSubjectHierarchyNode = _SubjectHierarchy
-        slicer.app = types.SimpleNamespace(processEvents=lambda: None, testingEnabled=lambda: True, layoutManager=lambda: None)
+        slicer.vtkSegmentation = types.SimpleNamespace(SourceRepresentationModified="SourceRepresentationModified",
+                                                       SegmentAdded="SegmentAdded", SegmentRemoved="SegmentRemoved")
+        slicer.app = types.SimpleNamespace(processEvents=lambda: None, testingEnabled=lambda: True, layoutManager=lambda: None,
+                                           connect=lambda signal, slot: self.connections.append((signal, slot)))
+        self.connections = []
+        self.layers = []
+        self.installed = []
 
         util = types.ModuleType("slicer.util")
         util.VTKObservationMixin = type("VTKObservationMixin", (), {})
@@ -260,7 +318,10 @@ class SlicerStandIn:
         util.startupEnvironment = lambda: dict(os.environ)
         util.arrayFromSegmentBinaryLabelmap = lambda node, segment_id, reference: node.segmentation.masks[segment_id].copy()
         util.updateSegmentBinaryLabelmapFromArray = self.update_segment
-        util.setSliceViewerLayers = lambda **kwargs: None
+        util.setSliceViewerLayers = lambda **kwargs: self.layers.append(kwargs)
+        util.loadVolume = self.load_volume
+        util.pip_install = self.installed.append
+        util.confirmOkCancelDisplay = lambda *args, **kwargs: True
         slicer.util = util
 
         i18n = types.ModuleType("slicer.i18n")
@@ -294,6 +355,13 @@ class SlicerStandIn:
     @staticmethod
     def update_segment(array, node, segment_id, reference):
         node.segmentation.masks[segment_id] = np.asarray(array, dtype=np.uint8)
+
+    @staticmethod
+    def load_volume(path, properties=None):
+        import SimpleITK as sitk
+
+        properties = properties or {}
+        return _Volume(properties.get("name", Path(path).name), sitk.ReadImage(str(path)))
 
 
 @pytest.fixture
@@ -342,15 +410,17 @@ def test_process_waiting_imports_segments_table_and_removes_temporary_files(logi
                          waitForCompletion=True, progressCallback=lambda *step: progress.append(step),
                          model=str(default_model_path()), addRegions=True)
     assert task.status == "completed", task.message
-    assert [s.name for s in output.segmentation.segments.values()] == [s.name for s in SEGMENTS] + ["Whole tumour", "Tumour core"]
+    assert [s.name for s in output.segmentation.segments.values()] == [s.name for s in SEGMENTS]
     assert output.reference_geometry_from is volumes["t1ce"] and output.surfaces
     assert output.references["referenceImageGeometryRef"] == volumes["t1ce"].GetID()
     assert _SubjectHierarchy.parents[output] == "study"
     masks = output.segmentation.masks
     assert masks["NCR"].shape == volumes["t1ce"].image.GetSize()[::-1]
-    np.testing.assert_array_equal(masks["WT"], (masks["NCR"] | masks["ED"] | masks["ET"]).astype(np.uint8))
-    np.testing.assert_array_equal(masks["TC"], (masks["NCR"] | masks["ET"]).astype(np.uint8))
-    assert output.segmentation.segments["WT"].tags["TerminologyEntry"].count("~") == 6
+    regions = task.regionsSegmentation.segmentation
+    assert [s.name for s in regions.segments.values()] == ["Whole tumour", "Tumour core"]
+    np.testing.assert_array_equal(regions.masks["WT"], (masks["NCR"] | masks["ED"] | masks["ET"]).astype(np.uint8))
+    np.testing.assert_array_equal(regions.masks["TC"], (masks["NCR"] | masks["ET"]).astype(np.uint8))
+    assert regions.segments["WT"].tags["TerminologyEntry"].count("~") == 6
 
     assert progress and all(0.0 <= step[3] <= 1.0 for step in progress)
     volumes_ml = _table(task)
@@ -399,7 +469,8 @@ def test_process_in_background_reports_then_completes(logic_module, cropped_case
     finished, logged = [], []
     task = logic.process(volumes["t1"], volumes["t1ce"], volumes["t2"], volumes["flair"], output, device="cpu",
                          model=str(mixed_model), logCallback=logged.append, completedCallback=finished.append)
-    assert task.status == "running" and task.reader.is_alive() or task.lines.qsize() > 0
+    # Returned at once: the worker starts in the background and a timer submits the run.
+    assert task.status == "running" and task.process is None and _Timer.pending
     _run_timers(task)
     assert finished == [task] and task.status == "completed", task.message
     assert output.segmentation.GetNumberOfSegments() == 3
@@ -462,7 +533,11 @@ def test_load_case_and_model_card_use_the_library(logic_module, brats_case_001, 
 
 
 def _run(logic, volumes, model, **kwargs):
-    return logic.process(volumes["t1"], volumes["t1ce"], volumes["t2"], volumes["flair"], _SegmentationNode("out"),
+    return _run_node(logic, volumes, model, _SegmentationNode("out"), **kwargs)
+
+
+def _run_node(logic, volumes, model, output, **kwargs):
+    return logic.process(volumes["t1"], volumes["t1ce"], volumes["t2"], volumes["flair"], output,
                          device="cpu", model=str(model), **kwargs)
 
 
@@ -484,8 +559,8 @@ def test_cancel_ends_the_worker_and_the_next_run_starts_a_new_one(logic_module, 
     module, logic, standin, tmp = logic_module
     progress = []
     task = _run(logic, _volumes(cropped_case), mixed_model, progressCallback=lambda *step: progress.append(step))
-    cancelled_pid = task.worker.process.pid
     _run_timers(task, on_line=lambda: progress and task.status == "running" and logic.cancel(task))
+    cancelled_pid = task.worker.process.pid
     assert task.status == "cancelled" and task.process.returncode == 143
     assert task.worker.process.poll() == 143 and not task.worker.alive()
     assert not os.path.exists(task.tempDir)
@@ -524,3 +599,303 @@ def test_a_launcher_without_input_falls_back_to_a_process_per_run(logic_module, 
     assert task.status == "completed", task.message
     assert task.worker is None and logic._worker is None
     assert any("could not start" in line and "process of its own" in line for line in logged), logged
+
+
+# ----------------------------------------------------------------------------- issue 13: defects
+
+
+def test_closing_the_scene_during_a_run_cancels_it_and_nothing_lands_in_the_next_scene(logic_module, small_case, mixed_model):
+    """The widget's onSceneStartClose (called here with the few attributes it touches: the
+    widget itself needs Slicer's Qt) cancels the run; the removed nodes are not imported into,
+    and no table or segmentation is left in the scene."""
+    module, logic, standin, tmp = logic_module
+    volumes = _volumes(small_case)
+    output = _SegmentationNode("out")
+    finished = []
+    task = _run_node(logic, volumes, mixed_model, output, completedCallback=finished.append)
+    widget = types.SimpleNamespace(_task=task, logic=logic, _notes=None, setParameterNode=lambda node: None)
+    module.KANTumorSegWidget.onSceneStartClose(widget, None, None)
+    standin.scene.Clear(output, *volumes.values())
+    _run_timers(task)
+    assert finished == [task] and task.status == "cancelled"
+    assert output.segmentation.GetNumberOfSegments() == 0
+    assert standin.scene.nodes == []
+    assert not os.path.exists(task.tempDir)
+
+
+def test_nodes_removed_during_a_run_are_not_imported_into(logic_module, small_case, mixed_model):
+    module, logic, standin, tmp = logic_module
+    volumes = _volumes(small_case)
+    output = _SegmentationNode("out")
+    task = _run_node(logic, volumes, mixed_model, output)
+    standin.scene.RemoveNode(output)
+    _run_timers(task)
+    assert task.status == "cancelled" and "removed" in task.message
+    assert output.segmentation.GetNumberOfSegments() == 0 and standin.scene.nodes == []
+
+
+def test_a_volume_that_cannot_be_exported_is_named(logic_module, small_case, mixed_model, monkeypatch):
+    module, logic, standin, tmp = logic_module
+    volumes = _volumes(small_case)
+    real_export = standin.export_node
+    # slicer.util.exportNode returns False (and only logs) when it cannot write.
+    monkeypatch.setattr(sys.modules["slicer"].util, "exportNode",
+                        lambda node, *args, **kwargs: node is not volumes["t2"] and real_export(node, *args, **kwargs))
+    with pytest.raises(RuntimeError, match=r"The T2 volume 'BraTS20_Training_001_t2' could not be written"):
+        _run(logic, volumes, mixed_model, waitForCompletion=True)
+    assert not any(tmp.glob("KANTumorSeg*/*"))
+
+
+def test_a_result_that_does_not_read_leaves_the_users_segments(logic_module, small_case, mixed_model, monkeypatch):
+    module, logic, standin, tmp = logic_module
+    output = _SegmentationNode("out")
+    output.segmentation.AddEmptySegment("mine", "My edit", (1, 0, 0))
+    monkeypatch.setattr(_SegmentationStorageNode, "ReadData", lambda self, node: 0)
+    with pytest.raises(RuntimeError, match="could not be read"):
+        _run_node(logic, _volumes(small_case), mixed_model, output, waitForCompletion=True)
+    assert list(output.segmentation.segments) == ["mine"]
+    assert standin.scene.nodes == []
+
+
+def test_a_run_without_an_output_node_creates_one_only_when_it_succeeds(logic_module, small_case, mixed_model, tmp_path):
+    """The widget passes no node (None: 'Create new segmentation on Apply'); a failed or
+    cancelled run must leave no empty '... tumour' segmentation behind."""
+    module, logic, standin, tmp = logic_module
+    volumes = _volumes(small_case)
+    progress = []
+    task = _run_node(logic, volumes, mixed_model, None, progressCallback=lambda *step: progress.append(step))
+    _run_timers(task, on_line=lambda: progress and task.status == "running" and logic.cancel(task))
+    assert task.status == "cancelled" and standin.scene.of_class(_SegmentationNode) == []
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not safetensors")
+    with pytest.raises(RuntimeError):
+        _run_node(logic, volumes, broken, None, waitForCompletion=True)
+    assert standin.scene.of_class(_SegmentationNode) == []
+    done = _run_node(logic, volumes, mixed_model, None, waitForCompletion=True)
+    assert standin.scene.of_class(_SegmentationNode) == [done.outputSegmentation]
+    assert done.outputSegmentation.GetName() == "BraTS20_Training_001_t1ce tumour"
+    assert done.outputSegmentation.segmentation.GetNumberOfSegments() == 3
+    assert "AddNewNodeByClass" not in _source_of(module.KANTumorSegWidget.onApplyButton)
+
+
+def _source_of(function) -> str:
+    import inspect
+
+    return inspect.getsource(function)
+
+
+def test_editing_a_region_never_changes_the_classes(logic_module, small_case, mixed_model):
+    """WT and TC live in a segmentation of their own, derived from NCR, ED and ET: an edit of WT
+    (Segment Editor overwrites other segments of its node by default) cannot reach a class, and
+    the regions follow the classes' edits."""
+    module, logic, standin, tmp = logic_module
+    volumes = _volumes(small_case)
+    task = _run_node(logic, volumes, mixed_model, _SegmentationNode("out"), waitForCompletion=True, addRegions=True)
+    classes = task.outputSegmentation.segmentation
+    regions = task.regionsSegmentation
+    assert list(classes.segments) == ["NCR", "ED", "ET"] and list(regions.segmentation.segments) == ["WT", "TC"]
+    before = {k: v.copy() for k, v in classes.masks.items()}
+    assert before["ED"].any()
+    regions.segmentation.masks["WT"][:] = 0  # the user erases WT
+    for segment_id, mask in before.items():
+        np.testing.assert_array_equal(classes.masks[segment_id], mask)
+    classes.masks["ED"][:] = 0  # the user erases the edema: WT follows on the next update
+    assert logic.updateRegionSegments(task.outputSegmentation, volumes["t1ce"], regions) is regions
+    np.testing.assert_array_equal(regions.segmentation.masks["WT"], (before["NCR"] | before["ET"]).astype(np.uint8))
+    assert standin.scene.of_class(_SegmentationNode) == [regions]
+
+
+def test_volumes_follow_edits_once_per_burst(logic_module):
+    module, logic, standin, tmp = logic_module
+    node = _SegmentationNode("out")
+    updates = []
+    logic.followEdits(node, lambda: updates.append(len(updates)))
+    for _ in range(5):  # one paint stroke fires several events
+        node.segmentation.InvokeEvent("SourceRepresentationModified")
+    while _Timer.pending:
+        _Timer.pending.pop(0)()
+    assert updates == [0]
+    node.segmentation.InvokeEvent("SegmentRemoved")
+    _Timer.pending.pop(0)()
+    assert updates == [0, 1]
+    logic.stopFollowingEdits()
+    assert node.segmentation.observers == {}
+
+
+# ----------------------------------------------------------------------------- issue 13: torch and the first run
+
+
+class _PyTorchUtilsLogic:
+    """Stands in for PyTorchUtils.PyTorchUtilsLogic: both calls import torch into Slicer's process."""
+
+    calls: list = []
+
+    def torchInstalled(self):
+        raise AssertionError("torchInstalled() imports torch into Slicer's process")
+
+    def installTorch(self, **kwargs):
+        self.calls.append(kwargs)
+        return object()
+
+
+def test_requirements_are_read_from_metadata_and_an_older_copy_is_upgraded(logic_module, monkeypatch):
+    """torch is installed here: its version is read from metadata, PyTorchUtils is not touched
+    (nothing imports torch into Slicer), and nothing asks for a restart. An older slicerio
+    (another extension's) is upgraded to the requirements list's minimum."""
+    from KANTumorSegLib import slicer_support
+
+    module, logic, standin, tmp = logic_module
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=_PyTorchUtilsLogic))
+    real = slicer_support.installed_version
+    monkeypatch.setattr(slicer_support, "installed_version", lambda name: "1.0.2" if name == "slicerio" else real(name))
+    logic._requirementsChecked = False
+    assert logic.setupPythonRequirements() is None
+    assert standin.installed == ["slicerio>=1.1"] and _PyTorchUtilsLogic.calls == []
+    assert "restart" not in _source_of(module.KANTumorSegWidget.onApplyButton)
+
+    monkeypatch.setattr(slicer_support, "installed_version", lambda name: None if name == "torch" else real(name))
+    logic._requirementsChecked = False
+    logic.setupPythonRequirements()
+    assert _PyTorchUtilsLogic.calls == [{"askConfirmation": True, "torchVersionRequirement": ">=2.1"}]
+
+
+def test_the_requirements_list_matches_the_package_dependencies():
+    import tomllib
+
+    from KANTumorSegLib.slicer_support import read_requirements
+
+    listed = {line for _, _, line in read_requirements(REPO / "KANTumorSeg" / "Resources" / "KANTumorSegRequirements.txt")}
+    dependencies = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+    # numpy and SimpleITK come with Slicer.
+    assert listed == {d for d in dependencies if not d.startswith(("numpy", "SimpleITK"))}
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in launchers are shell scripts")
+def test_a_slow_worker_start_keeps_the_main_thread_free_and_a_failed_start_is_retried(logic_module, small_case, mixed_model,
+                                                                                      monkeypatch):
+    """A PythonSlicer that takes 2 s to start (cold disk, antivirus): process() returns at once
+    and the run goes to the worker when it answers. A start that fails (here the first one)
+    sends that run to a process of its own, and the next run tries a worker again."""
+    import time
+
+    module, logic, standin, tmp = logic_module
+    slow = tmp / "slow" / "PythonSlicer"
+    slow.parent.mkdir()
+    slow.write_text(f'#!/bin/sh\nsleep 2\nexec "{sys.executable}" "$@"\n')
+    slow.chmod(0o755)
+    monkeypatch.setattr(shutil, "which", lambda name: str(slow))
+    started = time.monotonic()
+    task = _run(logic, _volumes(small_case), mixed_model)
+    assert time.monotonic() - started < 1.5 and task.process is None
+    _run_timers(task)
+    assert task.status == "completed" and task.worker is logic._worker is not None
+
+    logic.stopWorker()
+    flaky = tmp / "flaky" / "PythonSlicer"
+    flaky.parent.mkdir()
+    marker = tmp / "flaky" / "failed-once"
+    flaky.write_text(f'#!/bin/sh\nif [ "$3" = worker ] && [ ! -e "{marker}" ]; then touch "{marker}"; exit 1; fi\n'
+                     f'exec "{sys.executable}" "$@"\n')
+    flaky.chmod(0o755)
+    monkeypatch.setattr(shutil, "which", lambda name: str(flaky))
+    logged = []
+    first = _run(logic, _volumes(small_case), mixed_model, waitForCompletion=True, logCallback=logged.append)
+    assert first.status == "completed" and first.worker is None
+    assert any("next run tries the worker again" in line for line in logged), logged
+    second = _run(logic, _volumes(small_case), mixed_model, waitForCompletion=True)
+    assert second.status == "completed" and second.worker is logic._worker is not None
+
+
+def test_the_warm_up_runs_a_phantom_and_the_first_run_uses_the_warmed_worker(logic_module, small_case, mixed_model):
+    module, logic, standin, tmp = logic_module
+    ready = []
+    logic.warmUp("cpu", str(mixed_model), ready.append)
+    start = logic._workerStart
+    assert start is not None and not start.done()  # returned at once
+    assert start.wait(300) and start.error is None and start.warmup_code == 0, start.error
+    while _Timer.pending:
+        _Timer.pending.pop(0)()
+    assert ready == ["cpu"]
+    pid = logic._worker.process.pid
+    logic.warmUp("cpu", str(mixed_model))  # entering the module again: nothing new
+    assert logic._worker.process.pid == pid
+    task = _run(logic, _volumes(small_case), mixed_model, waitForCompletion=True)
+    assert task.status == "completed" and task.worker.process.pid == pid
+    assert not any(tmp.glob("KANTumorSegWarmUp*/*")), "the warm-up's scratch files stay behind"
+
+
+# ----------------------------------------------------------------------------- issue 14: the module side
+
+
+def _completed_files(case: Path, model: Path, out: Path, confidence: bool) -> dict:
+    """The files a run writes, from the real command; with ``confidence`` they are completed
+    as issue 14's contract says the command writes them (its --confidence is another engineer's
+    work): a confidence map, ranges in the regions and warnings."""
+    import subprocess
+
+    import SimpleITK as sitk
+
+    command = [sys.executable, "-m", "KANTumorSegLib", "segment", str(case), "-o", str(out), "--device", "cpu",
+               "--model", str(model), "--progress", "jsonl"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=True)
+    files = json.loads(done.stdout.strip().splitlines()[-1])["files"]
+    if confidence:
+        volumes = json.loads(Path(files["volumes_json"]).read_text())
+        for region in volumes["regions"]:
+            region["range_ml"] = [region["volume_ml"] * 0.9, region["volume_ml"] * 1.1 + 0.1]
+        volumes["warnings"] = [{"code": "not_skull_stripped", "message": "The T1 volume shows a skull: strip it first."}]
+        Path(files["volumes_json"]).write_text(json.dumps(volumes))
+        labels = sitk.ReadImage(files["labelmap"])
+        confidence_map = sitk.Cast(labels * 0 + 95, sitk.sitkUInt8)
+        sitk.WriteImage(confidence_map, files["volumes_json"].replace("_volumes.json", "_confidence.nii.gz"))
+    return files
+
+
+def _import(module, logic, volumes, files, tmp, **options) -> object:
+    """A task whose process wrote ``files`` (exit 0), finished as the Logic finishes a run."""
+    scratch = tmp / "task"
+    scratch.mkdir(exist_ok=True)
+    settings = {"addRegions": False, "regionsSegmentation": None, "tableNode": None, **options}
+    task = module.SegmentationTask(volumes, None, str(scratch), settings, None, None, None)
+    task.files = files
+    task.process = types.SimpleNamespace(returncode=0)
+    logic._finish(task)
+    return task
+
+
+def test_confidence_map_ranges_and_warnings_are_shown(logic_module, small_case, mixed_model, tmp_path):
+    module, logic, standin, tmp = logic_module
+    volumes = _volumes(small_case)
+    files = _completed_files(small_case, mixed_model, tmp_path / "out", confidence=True)
+    task = _import(module, logic, volumes, files, tmp)
+    assert task.status == "completed", task.message
+    assert task.notes.warnings == ["The T1 volume shows a skull: strip it first."]
+    table = task.volumeTable
+    assert [c.name for c in table.columns] == ["Region", "Description", "Volume", "Voxels", "Range"]
+    written = {r["name"]: r for r in json.loads(Path(files["volumes_json"]).read_text())["regions"]}
+    for row in range(table.GetNumberOfRows()):
+        low, high = written[table.GetCellText(row, 0)]["range_ml"]
+        assert table.GetCellText(row, 4) == f"{low:.1f}-{high:.1f}"
+    assert task.confidenceVolume is not None and task.confidenceVolume.GetName() == "BraTS20_Training_001_t1ce confidence"
+    display = task.confidenceVolume.display.settings
+    assert display["SetAndObserveColorNodeID"] == ("vtkMRMLColorTableNodeFileHotToColdRainbow.txt",)
+    assert display["SetThreshold"] == (0, logic.LOW_CONFIDENCE_PERCENT - 1) and "ApplyThresholdOn" in display
+    logic.showConfidence(task.confidenceVolume, False)
+    assert standin.layers[-1]["foreground"] is None
+    # An edit of the edema: its row (and WT's) lose the model's range, the others keep theirs.
+    task.outputSegmentation.segmentation.masks["ED"][:] = 0
+    logic.updateVolumeTable(task.outputSegmentation, volumes["t1ce"], table, task.notes)
+    ranges = {table.GetCellText(row, 0): table.GetCellText(row, 4) for row in range(table.GetNumberOfRows())}
+    assert ranges["ED"] == ranges["WT"] == "" and ranges["NCR"] and ranges["TC"]
+
+
+def test_outputs_without_the_new_fields_import_as_before(logic_module, small_case, mixed_model, tmp_path):
+    module, logic, standin, tmp = logic_module
+    files = _completed_files(small_case, mixed_model, tmp_path / "out", confidence=False)
+    volumes_json = json.loads(Path(files["volumes_json"]).read_text())
+    volumes_json.pop("warnings", None)
+    Path(files["volumes_json"]).write_text(json.dumps(volumes_json))
+    task = _import(module, logic, _volumes(small_case), files, tmp)
+    assert task.status == "completed", task.message
+    assert task.notes.warnings == [] and task.confidenceVolume is None
+    assert [c.name for c in task.volumeTable.columns] == ["Region", "Description", "Volume", "Voxels"]

@@ -129,10 +129,46 @@ def test_ui_parameter_bindings_name_parameters_of_a_type_their_widget_can_show()
             if prop.get("name") == "SlicerParameterName":
                 bound[name] = (widget.get("class"), prop.find("string").text)
     assert {p for _, p in bound.values()} == {"t1Volume", "t1ceVolume", "t2Volume", "flairVolume", "outputSegmentation",
-                                              "labelConvention", "addRegions"}
+                                              "addRegions", "confidence", "showConfidence"}
     for name, (widget_class, parameter) in bound.items():
         assert parameter in fields, f"{name} is bound to unknown parameter {parameter}"
         assert re.search(compatible[widget_class], fields[parameter]), f"{name} ({widget_class}) cannot show {fields[parameter]}"
+
+
+def test_combo_boxes_bound_by_hand_show_readable_titles_for_every_choice():
+    """connectGui would show a Choice's raw values (brats2020); the widget binds device and label
+    convention itself, with a title per value, and must offer exactly the parameter's choices."""
+    module = MODULE.read_text()
+    widget = next(n for n in _module_tree().body if isinstance(n, ast.ClassDef) and n.name == "KANTumorSegWidget")
+    choices_node = next(s for s in widget.body if isinstance(s, ast.Assign) and s.targets[0].id == "CHOICES")
+    # The titles are _("...") calls: read the values and the literal titles from the source.
+    choices = {ast.literal_eval(k): [(ast.literal_eval(pair.elts[0]), ast.literal_eval(pair.elts[1].args[0])) for pair in v.elts]
+               for k, v in zip(choices_node.value.keys, choices_node.value.values)}
+    for parameter, pairs in choices.items():
+        declared = re.search(rf"{parameter}: Annotated\[str, Choice\((\[[^]]*\])\)\]", module).group(1)
+        assert [value for value, _ in pairs] == ast.literal_eval(declared)
+        assert all(title != value for value, title in pairs), pairs
+        assert "SlicerParameterName" not in ElementTree.tostring(_ui_widgets()[f"{parameter}ComboBox"]).decode()
+    assert choices["labelConvention"] == [("brats2020", "BraTS 2017-2021: NCR 1, ED 2, ET 4"), ("brats2023", "BraTS 2023: NCR 1, ED 2, ET 3")]
+
+
+def test_the_help_and_a_note_say_what_the_inputs_must_be():
+    """Issue 13: inputs skull-stripped and co-registered, with Slicer's tools for both, in the
+    module's help and in a collapsible note on the panel."""
+    help_text = re.search(r'helpText = _\("""(.*?)"""\)', MODULE.read_text(), re.S).group(1)
+    note = _ui_widgets()["inputRequirementsLabel"].find("property/string").text
+    assert _ui_widgets()["inputRequirementsCollapsibleButton"].get("class") == "ctkCollapsibleButton"
+    for text in (help_text, note):
+        for words in ("skull-stripped", "co-registered", "General Registration (BRAINS)", "SwissSkullStripper", "HD-BET"):
+            assert words in text, (words, text)
+
+
+def test_the_warnings_banner_is_a_styled_label_hidden_until_a_run_warns():
+    banner = _ui_widgets()["warningsLabel"]
+    props = {p.get("name"): p for p in banner.findall("property")}
+    assert banner.get("class") == "QLabel" and props["wordWrap"].find("bool").text == "true"
+    assert "background-color" in props["styleSheet"].find("string").text
+    assert "self.ui.warningsLabel.hide()" in MODULE.read_text()
 
 
 def test_ui_output_selector_offers_a_new_segmentation_by_default():
