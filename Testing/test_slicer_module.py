@@ -149,7 +149,8 @@ def test_combo_boxes_bound_by_hand_show_readable_titles_for_every_choice():
         assert [value for value, _ in pairs] == ast.literal_eval(declared)
         assert all(title != value for value, title in pairs), pairs
         assert "SlicerParameterName" not in ElementTree.tostring(_ui_widgets()[f"{parameter}ComboBox"]).decode()
-    assert choices["labelConvention"] == [("brats2020", "BraTS 2017-2021: NCR 1, ED 2, ET 4"), ("brats2023", "BraTS 2023: NCR 1, ED 2, ET 3")]
+    assert choices["labelConvention"] == [("brats2020", "BraTS 2017-2021: NCR 1, ED 2, ET 4"),
+                                          ("brats2023", "BraTS 2023: NCR 1, ED 2, ET 3")]
 
 
 def test_the_help_and_a_note_say_what_the_inputs_must_be():
