@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import types
+import unittest
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +290,25 @@ class _Timer:
         cls.pending.append(callback)
 
 
+class _ScriptedLoadableModuleTest(unittest.TestCase):
+    """Stands in for ScriptedLoadableModuleTest (a unittest.TestCase in Slicer too): delayDisplay logs."""
+
+    def __init__(self, *args):
+        super().__init__("runTest")
+
+    def delayDisplay(self, message, msec=None):
+        self.displayed = [*getattr(self, "displayed", []), message]
+
+
+class _SampleData(types.ModuleType):
+    """Stands in for Slicer's SampleData module: records the registered sources."""
+
+    def __init__(self):
+        super().__init__("SampleData")
+        self.sources = []
+        self.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=lambda **kwargs: self.sources.append(kwargs))
+
+
 class SlicerStandIn:
     """Builds stand-ins of the modules ``slicer``, ``qt``, ``vtk`` and ``ctk`` with the calls
     KANTumorSeg.py makes at import and in its Logic; the widget is not exercised."""
@@ -331,8 +351,9 @@ class SlicerStandIn:
         wrapper.parameterNodeWrapper = lambda cls: cls
         wrapper.Choice = lambda choices: tuple(choices)
         scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-        for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"):
-            setattr(scripted, name, type(name, (), {"__init__": lambda self, *args: None}))
+        for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget"):
+            setattr(scripted, name, type(name, (), {"__init__": lambda self, parent=None: setattr(self, "parent", parent)}))
+        scripted.ScriptedLoadableModuleTest = _ScriptedLoadableModuleTest
         scripted.ScriptedLoadableModuleLogic = type("ScriptedLoadableModuleLogic", (), {"__init__": lambda self: None})
 
         qt = types.ModuleType("qt")
@@ -341,8 +362,10 @@ class SlicerStandIn:
         vtk.calldata_type = lambda kind: (lambda function: function)
         vtk.VTK_OBJECT = "vtkObject"
         vtk.vtkStringArray = vtk.vtkDoubleArray = vtk.vtkIntArray = _Array
+        self.sample_data = _SampleData()
         return {"slicer": slicer, "slicer.util": util, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
-                "slicer.ScriptedLoadableModule": scripted, "qt": qt, "vtk": vtk, "ctk": types.ModuleType("ctk")}
+                "slicer.ScriptedLoadableModule": scripted, "qt": qt, "vtk": vtk, "ctk": types.ModuleType("ctk"),
+                "SampleData": self.sample_data}
 
     @staticmethod
     def export_node(node, path, properties, world=False):
@@ -899,3 +922,28 @@ def test_outputs_without_the_new_fields_import_as_before(logic_module, small_cas
     assert task.status == "completed", task.message
     assert task.notes.warnings == [] and task.confidenceVolume is None
     assert [c.name for c in task.volumeTable.columns] == ["Region", "Description", "Volume", "Voxels"]
+
+
+# ----------------------------------------------------------------------------- issue 13: what users expect
+
+
+def test_the_sample_case_is_registered_with_checksums_and_names_the_module_recognises(logic_module, brats_case_001):
+    """Through the stand-in's SampleData (Slicer's registerCustomSampleDataSource keywords): the
+    module registers at startup; the checksums are those of the real case's files, and the node
+    names are assigned to the four inputs by the module's automatic assignment."""
+    import hashlib
+
+    from KANTumorSegLib.slicer_support import match_volume_names
+
+    module, logic, standin, tmp = logic_module
+    module.KANTumorSeg(types.SimpleNamespace())
+    assert ("startupCompleted()", module.registerSampleData) in standin.connections
+    module.registerSampleData()
+    (source,) = standin.sample_data.sources
+    assert source["category"] == "KANTumorSeg" and Path(source["thumbnailFileName"]).is_file()
+    assert len(source["uris"]) == len(source["fileNames"]) == len(source["nodeNames"]) == len(source["checksums"]) == 4
+    for uri, name, checksum in zip(source["uris"], source["fileNames"], source["checksums"]):
+        assert uri.startswith("https://") and uri.endswith("/" + name)
+        algorithm, digest = checksum.split(":")
+        assert algorithm == "SHA256" and digest == hashlib.sha256((brats_case_001 / name).read_bytes()).hexdigest()
+    assert sorted(match_volume_names(source["nodeNames"]).assigned) == ["flair", "t1", "t1ce", "t2"]

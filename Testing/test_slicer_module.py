@@ -580,3 +580,69 @@ def test_terminology_entry_has_the_seven_fields_slicer_expects():
     assert len(fields) == 7
     assert fields[2] == "SCT^86049000^Neoplasm, Primary"
     assert fields[5] == "SCT^12738006^Brain"
+
+
+# ----------------------------------------------------------------------------- issue 13 and 14: the pure parts
+
+
+def test_closed_surfaces_start_off_only_on_large_grids():
+    assert slicer_support.show_3d_by_default(240 * 240 * 155)
+    assert not slicer_support.show_3d_by_default(512 * 512 * 160)
+    text = MODULE.read_text()
+    assert "if slicer_support.show_3d_by_default(" in text and "segmentationShow3DButton" in text
+
+
+def test_confidence_starts_on_only_on_a_cuda_gpu():
+    assert slicer_support.confidence_by_default("cuda", None)
+    assert slicer_support.confidence_by_default("auto", "cuda")
+    assert not slicer_support.confidence_by_default("auto", "cpu")
+    assert not slicer_support.confidence_by_default("auto", None)
+    assert not slicer_support.confidence_by_default("cpu", "cuda")
+    assert not slicer_support.confidence_by_default("mps", "mps")
+
+
+def test_requirements_compare_versions_without_importing(tmp_path):
+    path = tmp_path / "requirements.txt"
+    path.write_text("# comment\ntorch>=2.1\n\nslicerio >= 1.1  # why\n")
+    requirements = slicer_support.read_requirements(path)
+    assert requirements == [("torch", (2, 1), "torch>=2.1"), ("slicerio", (1, 1), "slicerio >= 1.1")]
+    installed = {"torch": "2.4.1+cu121", "slicerio": "1.0.9"}
+    assert slicer_support.unmet_requirements(requirements, installed.get) == ["slicerio >= 1.1"]
+    assert slicer_support.unmet_requirements(requirements, {}.get) == ["torch>=2.1", "slicerio >= 1.1"]
+    assert slicer_support.version_tuple("2.10.0rc1") == (2, 10, 0)
+    assert slicer_support.installed_version("no-such-distribution-kantumorseg") is None
+    path.write_text("torch\n")
+    with pytest.raises(ValueError, match="name>=version"):
+        slicer_support.read_requirements(path)
+
+
+def test_result_notes_read_warnings_and_ranges_and_tolerate_their_absence(tmp_path):
+    written = {"regions": [{"name": "ED", "voxels": 10, "volume_ml": 0.01, "range_ml": [0.008, 0.012]},
+                           {"name": "ET", "voxels": 5, "volume_ml": 0.005}],
+               "warnings": [{"code": "misaligned", "message": "FLAIR is not aligned with T1ce."}]}
+    notes = slicer_support.result_notes(written)
+    assert notes.warnings == ["FLAIR is not aligned with T1ce."] and notes.ranges == {"ED": (0.008, 0.012)}
+    assert slicer_support.current_ranges(notes, [{"name": "ED", "voxels": 10}, {"name": "ET", "voxels": 5}]) == {"ED": (0.008, 0.012)}
+    assert slicer_support.current_ranges(notes, [{"name": "ED", "voxels": 9}]) == {}
+    assert slicer_support.range_text((165.21, 180.08)) == "165.2-180.1" and slicer_support.range_text(None) == ""
+    empty = slicer_support.result_notes({"regions": [{"name": "ED", "voxels": 10, "volume_ml": 0.01}]})
+    assert empty.warnings == [] and empty.ranges == {}
+    volumes = tmp_path / "c_volumes.json"
+    assert slicer_support.confidence_file({"volumes_json": str(volumes)}) is None
+    (tmp_path / "c_confidence.nii.gz").write_bytes(b"")
+    assert slicer_support.confidence_file({"volumes_json": str(volumes)}) == tmp_path / "c_confidence.nii.gz"
+    assert slicer_support.confidence_file({"confidence": str(volumes)}) is None
+
+
+def test_build_command_adds_confidence_only_when_asked(tmp_path):
+    from KANTumorSegLib.cli import build_parser
+
+    inputs = {m: tmp_path / f"{m}.nrrd" for m in ("t1", "t1ce", "t2", "flair")}
+    plain = slicer_support.build_command("py", inputs, tmp_path, "c", "cuda", tmp_path / "m.safetensors", "brats2020")
+    with_confidence = slicer_support.build_command("py", inputs, tmp_path, "c", "cuda", tmp_path / "m.safetensors", "brats2020", True)
+    assert with_confidence == plain + ["--confidence"]
+    try:
+        args = build_parser().parse_args(with_confidence[3:])
+    except SystemExit:
+        pytest.skip("the command has no --confidence yet (issue 14's command side, another engineer's)")
+    assert args.confidence is True
