@@ -141,6 +141,9 @@ class _Segmentation:
     def GetNumberOfSegments(self):
         return len(self.segments)
 
+    def GetNthSegment(self, index):
+        return list(self.segments.values())[index]
+
 
 class _SegmentationNode(_Node):
     """Stands in for vtkMRMLSegmentationNode."""
@@ -249,6 +252,9 @@ class _Scene:
     def IsNodePresent(self, node):
         return not node.removed
 
+    def GetNodeByID(self, node_id):
+        return next(n for n in self.nodes if n.GetID() == node_id)
+
     def Clear(self, *external):
         """As closing the scene: every node goes, the test's volumes (``external``) too."""
         for node in [*self.nodes, *external]:
@@ -309,6 +315,36 @@ class _SampleData(types.ModuleType):
         self.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=lambda **kwargs: self.sources.append(kwargs))
 
 
+class _SegmentStatistics(types.ModuleType):
+    """Stands in for Slicer's SegmentStatistics module: volume_cm3 of each segment as its
+    LabelmapSegmentStatisticsPlugin computes it, voxel count times voxel volume (mm3) / 1000."""
+
+    def __init__(self, scene):
+        super().__init__("SegmentStatistics")
+        standin = self
+
+        class SegmentStatisticsLogic:
+            def __init__(self):
+                self.parameters = {}
+                self.statistics = {}
+
+            def getParameterNode(self):
+                return types.SimpleNamespace(SetParameter=self.parameters.__setitem__)
+
+            def computeStatistics(self):
+                node = scene.GetNodeByID(self.parameters["Segmentation"])
+                spacing = scene.GetNodeByID(self.parameters["ScalarVolume"]).GetSpacing()
+                self.statistics = {"SegmentIDs": list(node.segmentation.segments)}
+                for segment_id, mask in node.segmentation.masks.items():
+                    self.statistics[segment_id, "LabelmapSegmentStatisticsPlugin.volume_cm3"] = \
+                        int(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000
+
+            def getStatistics(self):
+                return self.statistics
+
+        standin.SegmentStatisticsLogic = SegmentStatisticsLogic
+
+
 class SlicerStandIn:
     """Builds stand-ins of the modules ``slicer``, ``qt``, ``vtk`` and ``ctk`` with the calls
     KANTumorSeg.py makes at import and in its Logic; the widget is not exercised."""
@@ -325,7 +361,7 @@ class SlicerStandIn:
         slicer.vtkMRMLSubjectHierarchyNode = _SubjectHierarchy
         slicer.vtkSegmentation = types.SimpleNamespace(SourceRepresentationModified="SourceRepresentationModified",
                                                        SegmentAdded="SegmentAdded", SegmentRemoved="SegmentRemoved")
-        slicer.app = types.SimpleNamespace(processEvents=lambda: None, testingEnabled=lambda: True, layoutManager=lambda: None,
+        slicer.app = types.SimpleNamespace(processEvents=self.process_events, testingEnabled=lambda: True, layoutManager=lambda: None,
                                            connect=lambda signal, slot: self.connections.append((signal, slot)))
         self.connections = []
         self.layers = []
@@ -365,7 +401,7 @@ class SlicerStandIn:
         self.sample_data = _SampleData()
         return {"slicer": slicer, "slicer.util": util, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
                 "slicer.ScriptedLoadableModule": scripted, "qt": qt, "vtk": vtk, "ctk": types.ModuleType("ctk"),
-                "SampleData": self.sample_data}
+                "SampleData": self.sample_data, "SegmentStatistics": _SegmentStatistics(self.scene)}
 
     @staticmethod
     def export_node(node, path, properties, world=False):
@@ -378,13 +414,22 @@ class SlicerStandIn:
     @staticmethod
     def update_segment(array, node, segment_id, reference):
         node.segmentation.masks[segment_id] = np.asarray(array, dtype=np.uint8)
+        node.segmentation.InvokeEvent("SourceRepresentationModified")
 
-    @staticmethod
-    def load_volume(path, properties=None):
+    def load_volume(self, path, properties=None):
         import SimpleITK as sitk
 
-        properties = properties or {}
-        return _Volume(properties.get("name", Path(path).name), sitk.ReadImage(str(path)))
+        name = (properties or {}).get("name", Path(path).name.removesuffix(".nii.gz"))
+        volume = _Volume(name, sitk.ReadImage(str(path)))
+        self.scene.nodes.append(volume)
+        return volume
+
+    @staticmethod
+    def process_events():
+        """As Qt's event loop: the single-shot timers due run (here: all pending, at once)."""
+        pending, _Timer.pending = _Timer.pending, []
+        for callback in pending:
+            callback()
 
 
 @pytest.fixture
@@ -947,3 +992,14 @@ def test_the_sample_case_is_registered_with_checksums_and_names_the_module_recog
         algorithm, digest = checksum.split(":")
         assert algorithm == "SHA256" and digest == hashlib.sha256((brats_case_001 / name).read_bytes()).hexdigest()
     assert sorted(match_volume_names(source["nodeNames"]).assigned) == ["flair", "t1", "t1ce", "t2"]
+
+
+def test_the_self_test_runs_end_to_end_through_the_stand_in(logic_module):
+    """KANTumorSegTest, as Slicer runs it (Reload and Test), with no environment variable: the
+    phantom through the worker, the import, the region segments, the table against the command's
+    volumes and against Segment Statistics (the stand-in's, see _SegmentStatistics), then an
+    edit that the volumes follow."""
+    module, logic, standin, tmp = logic_module
+    test = module.KANTumorSegTest()
+    test.runTest()
+    assert test.displayed[-1] == "KANTumorSegTest passed"
