@@ -646,3 +646,27 @@ def test_build_command_adds_confidence_only_when_asked(tmp_path):
     except SystemExit:
         pytest.skip("the command has no --confidence yet (issue 14's command side, another engineer's)")
     assert args.confidence is True
+
+
+def test_the_extensions_index_entry_follows_slicers_catalog_schema():
+    """docs/ExtensionsIndex/KANTumorSeg.json against Slicer's catalog-entry schema v1.0.1
+    (Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json: required fields, no others,
+    their types and enums), and consistent with the top-level CMakeLists."""
+    entry = json.loads((REPO / "docs" / "ExtensionsIndex" / "KANTumorSeg.json").read_text())
+    properties = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+                  "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+    assert {"$schema", "category", "scm_url"} <= set(entry) <= set(properties)
+    for key, value in entry.items():
+        assert isinstance(value, properties[key]), key
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert entry.get("scm_type", "git") in ("git", "local") and entry.get("tier", 5) in (1, 3, 5)
+    assert entry["build_dependencies"] == ["PyTorch"]
+    cmake = _cmake_text(TOP_CMAKE)
+    assert f'set(EXTENSION_CATEGORY "{entry["category"]}")' in cmake
+    assert f'set(EXTENSION_DEPENDS "{" ".join(entry["build_dependencies"])}")' in cmake
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"#]+)', cmake).group(1)
+    assert entry["scm_url"].removesuffix(".git") == homepage.rstrip("/")
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', cmake).group(1)
+    assert re.search(r"\w \(.+\)", contributors), "contributors as 'Name (Organization)', or say who fills them in"
+    readme = (REPO / "README.md").read_text()
+    assert "Apache-2.0" in readme
