@@ -258,6 +258,9 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         savedDevice = settings.value(SETTINGS_PREFIX + "Device", "auto")
         if self._parameterNode.device == "auto" and savedDevice in ("auto", "cuda", "mps", "cpu"):
             self._parameterNode.device = savedDevice
+        savedConfidence = settings.value(SETTINGS_PREFIX + "Confidence")
+        if savedConfidence is not None:  # the user's own choice (else onWorkerReady picks by device)
+            self._parameterNode.confidence = str(savedConfidence).lower() == "true"
         self.autoAssignInputs()
 
     def setParameterNode(self, inputParameterNode: Optional[KANTumorSegParameterNode]) -> None:
@@ -986,6 +989,10 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         """Load the confidence map (0-100 %) as a volume shown over the T1ce: voxels below
         LOW_CONFIDENCE_PERCENT in hot-to-cold colours (red where least sure), the rest transparent."""
         node = slicer.util.loadVolume(path, {"name": _("{name} confidence").format(name=reference.GetName()), "show": False})
+        # Its file goes with the run's temporary folder: without a storage node, saving the scene writes it anew.
+        storageNode = node.GetStorageNode()
+        if storageNode is not None:
+            slicer.mrmlScene.RemoveNode(storageNode)
         displayNode = node.GetDisplayNode()
         displayNode.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileHotToColdRainbow.txt")
         displayNode.AutoWindowLevelOff()

@@ -65,6 +65,9 @@ class _Volume(_Node):
     def IsA(self, class_name):
         return class_name == "vtkMRMLScalarVolumeNode"
 
+    def GetStorageNode(self):
+        return None
+
     def GetDisplayNode(self):
         if not hasattr(self, "display"):
             self.display = _VolumeDisplay()
