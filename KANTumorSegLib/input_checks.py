@@ -1,0 +1,166 @@
+"""Cheap checks for inputs the model was not made for: they warn, they never refuse.
+
+The model was trained on BraTS-style inputs: four co-registered, skull-stripped modalities
+covering the whole brain, with 1 mm axial slices. Each check below looks at the four volumes
+on the model grid (``volumes.load_case``: every modality already on the T1ce grid) and returns
+``{"code", "message"}`` entries for ``<case>_volumes.json`` (``"warnings"``) and the command's
+output. The thresholds sit well away from what the 15 shared BraTS cases show (values in the
+comments, measured with ``Testing/test_input_checks.py``'s helpers) and each check fires on a
+crafted case in that test. Everything runs on every other voxel along each axis (2 mm for BraTS
+inputs), about 0.3 s for a BraTS case on two cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .preprocessing import MODALITIES
+
+NAMES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
+
+STEP = 2
+"""Every STEP-th voxel along each axis is looked at: the checks look at outlines and centroids."""
+FOREGROUND_FRACTION = 0.05
+"""A voxel is foreground when above min + 5 % of (99.5th percentile - min) of its modality."""
+MAX_BRAIN_ML = 2200.0
+"""A skull-stripped brain: 1,248-1,730 mL of foreground in the 15 shared cases; an adult head
+with skull and scalp holds 3,000 mL or more (3,022 mL for the crafted skull-on case)."""
+MIN_COVERAGE = 0.8
+"""Fraction of the T1ce foreground a modality must cover (lowest in the shared cases: 0.93)."""
+MAX_EMPTY_SLICES = 0.1
+"""Fraction of the T1ce's brain slices a modality may leave empty (0 in the shared cases)."""
+MAX_CENTROID_SHIFT_MM = 4.0
+"""Distance between a modality's foreground centroid and the T1ce's (at most 1.9 mm in the shared cases)."""
+MIN_OUTLINE_DICE = 0.9
+"""Dice of a modality's foreground with the T1ce's (at least 0.96 in the shared cases)."""
+MIN_EDGE_SHIFT_MM = 4.0
+"""Shift that best lines up a modality's interior edges with the T1ce's, from which it warns
+(searched in 2 mm steps per axis: at most 2.8 mm, one step on two axes, in the shared cases)."""
+EDGE_SEARCH = 4
+"""Shifts tried per axis, in (sub-sampled) voxels each way, for the interior edges."""
+MAX_FLAIR_T2_CORRELATION = 0.9
+"""Correlation of FLAIR with T2 inside the brain (-0.21 to 0.52 in the shared cases)."""
+MAX_FLAIR_CSF_RATIO = 1.25
+"""FLAIR in the T1-darkest 5 % of the brain's interior (mostly CSF, dark in FLAIR, bright in T2)
+over FLAIR's interior median: 0.42-1.05 in the shared cases, 0.78-2.94 for their T2."""
+MIN_BRAIN_DEPTH_MM = 80.0
+"""Axial extent of the T1ce's brain (a whole brain spans about 130-150 mm)."""
+MAX_SLICE_MM = 3.0
+"""Axial slice spacing beyond which the volumes lose accuracy (the model saw 1 mm slices)."""
+
+
+def foreground(values: np.ndarray) -> np.ndarray:
+    """Voxels clearly above the background of one modality (robust to bright outliers)."""
+    low = float(values.min())
+    above = values[values > low]
+    if above.size == 0:
+        return np.zeros(values.shape, dtype=bool)
+    high = float(np.percentile(above, 99.5))
+    return values > low + FOREGROUND_FRACTION * (high - low)
+
+
+def _erode(mask: np.ndarray, voxels: int) -> np.ndarray:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
+    return sitk.GetArrayFromImage(sitk.BinaryErode(image, [voxels] * 3)).astype(bool)
+
+
+def _centroid_mm(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """The centre of a non-empty mask, in mm from voxel (0, 0, 0)."""
+    return np.array(np.nonzero(mask), dtype=float).mean(axis=1) * spacing
+
+
+def _edge_shift(moving: np.ndarray, reference: np.ndarray, interior: np.ndarray) -> np.ndarray:
+    """Per axis, the shift (voxels) of ``moving``'s gradient magnitude that best correlates with
+    ``reference``'s inside ``interior``: the brain's edges inside the outline (ventricles,
+    tumour, sulci), which a shared skull-stripping mask cannot line up."""
+    def edges(v: np.ndarray) -> np.ndarray:
+        g = np.sqrt(sum(d * d for d in np.gradient(v.astype(np.float32))))
+        return g / (float(g[interior].std()) or 1.0)
+
+    ref = edges(reference)[interior]
+    ref = ref - ref.mean()
+    mov = edges(moving)
+    best = np.zeros(3)
+    for axis in range(3):
+        scores = []
+        for shift in range(-EDGE_SEARCH, EDGE_SEARCH + 1):
+            m = np.roll(mov, shift, axis=axis)[interior]
+            m = m - m.mean()
+            scores.append(float((m * ref).sum() / (np.sqrt((m * m).sum() * (ref * ref).sum()) or 1.0)))
+        best[axis] = int(np.argmax(scores)) - EDGE_SEARCH
+    return best
+
+
+def check_inputs(volume: np.ndarray, spacing: tuple[float, float, float]) -> list[dict[str, str]]:
+    """Warnings about a (4, X, Y, Z) model-grid volume (channels in ``MODALITIES`` order,
+    ``spacing`` in mm along X, Y, Z): a list of {"code", "message"}, empty when all is well."""
+    warnings: list[dict[str, str]] = []
+    sub = volume[:, ::STEP, ::STEP, ::STEP]
+    sub_spacing = np.array(spacing, dtype=float) * STEP
+    voxel_ml = float(np.prod(sub_spacing)) / 1000.0
+    masks = {m: foreground(sub[i]) for i, m in enumerate(MODALITIES)}
+    ref = masks["t1ce"]
+    if not ref.any():
+        return warnings
+
+    brain_slices = np.nonzero(ref.any(axis=(0, 1)))[0]
+    depth_mm = (brain_slices[-1] - brain_slices[0] + 1) * sub_spacing[2]
+    if spacing[2] > MAX_SLICE_MM or depth_mm < MIN_BRAIN_DEPTH_MM:
+        warnings.append({"code": "few_axial_slices", "message": (
+            f"The T1ce has {volume.shape[3]} axial slices of {spacing[2]:.1f} mm ({depth_mm:.0f} mm of brain): "
+            f"the model was trained on whole brains in 1 mm slices; with thick slices or part of the brain the labels and "
+            "volumes are less exact, and tumour outside these slices is missed.")})
+
+    big = [m for m in MODALITIES if masks[m].sum() * voxel_ml > MAX_BRAIN_ML]
+    if big:
+        largest = max(masks[m].sum() * voxel_ml for m in big)
+        warnings.append({"code": "not_skull_stripped", "message": (
+            f"The {', '.join(NAMES[m] for m in big)} image{'s look' if len(big) > 1 else ' looks'} like a head with skull and "
+            f"scalp ({largest:.0f} mL of tissue; a brain is under {MAX_BRAIN_ML:.0f} mL): the model was trained on "
+            "skull-stripped brains; skull-strip all four modalities first (e.g. HD-BET or SynthStrip), then segment again.")})
+
+    interior = _erode(ref, 4)
+    partial: set[str] = set()
+    for m in MODALITIES:
+        if m == "t1ce":
+            continue
+        covered = float((masks[m] & ref).sum() / ref.sum())
+        empty = float(np.mean([not masks[m][..., z].any() for z in brain_slices]))
+        if covered < MIN_COVERAGE or empty > MAX_EMPTY_SLICES:
+            partial.add(m)
+            warnings.append({"code": "partial_coverage", "message": (
+                f"The {NAMES[m]} image covers only {covered:.0%} of the T1ce's brain ({empty:.0%} of its axial slices hold no "
+                f"{NAMES[m]} signal): a thick or oblique slab resampled onto the T1ce grid; where it is missing the model "
+                f"sees no {NAMES[m]} and its labels there are unreliable. Use a {NAMES[m]} series that covers the whole brain.")})
+    for m in MODALITIES:
+        if m == "t1ce" or m in partial:
+            continue
+        dice = 2.0 * float((masks[m] & ref).sum()) / float(masks[m].sum() + ref.sum())
+        shift_mm = float(np.linalg.norm(_centroid_mm(masks[m], sub_spacing) - _centroid_mm(ref, sub_spacing)))
+        misaligned = dice < MIN_OUTLINE_DICE or shift_mm > MAX_CENTROID_SHIFT_MM
+        if not misaligned and interior.sum() > 1000:
+            # The outline lines up (BraTS-style data share one skull-stripping mask), so look inside it.
+            edge_mm = float(np.linalg.norm(_edge_shift(sub[MODALITIES.index(m)], sub[MODALITIES.index("t1ce")], interior)
+                                           * sub_spacing))
+            misaligned = edge_mm >= MIN_EDGE_SHIFT_MM
+            shift_mm = max(shift_mm, edge_mm)
+        if misaligned:
+            warnings.append({"code": "misaligned", "message": (
+                f"The {NAMES[m]} image does not line up with the T1ce (offset about {shift_mm:.0f} mm, outline overlap "
+                f"{dice:.2f}): the four modalities must be co-registered; register {NAMES[m]} to the T1ce first (e.g. "
+                "ANTs, FSL FLIRT or BRAINSFit), then segment again.")})
+
+    if "flair" not in partial and "t2" not in partial and interior.sum() > 1000:
+        flair, t2, t1 = (sub[MODALITIES.index(m)][interior].astype(np.float64) for m in ("flair", "t2", "t1"))
+        r = float(np.corrcoef(flair, t2)[0, 1]) if flair.std() > 0 and t2.std() > 0 else 0.0
+        dark = t1 <= np.percentile(t1, 5)
+        median = float(np.median(flair))
+        csf = float(np.median(flair[dark])) / median if median > 0 else 0.0
+        if r > MAX_FLAIR_T2_CORRELATION or csf > MAX_FLAIR_CSF_RATIO:
+            warnings.append({"code": "flair_looks_like_t2", "message": (
+                f"The FLAIR image looks like a T2 (correlation with the T2 {r:.2f}; fluid is {csf:.1f} times the brain's median "
+                "where FLAIR suppresses it): check that the FLAIR series, not a second T2, was given; the model reads edema "
+                "from FLAIR.")})
+    return warnings
