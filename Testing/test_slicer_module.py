@@ -245,7 +245,7 @@ def test_extension_builds_and_installs_the_library_beside_its_model(tiny_model, 
     assert (build / "standin-tests.txt").read_text() == "KANTumorSeg.py\n"
 
     modules = install / "lib" / "Slicer-5.8" / "qt-scripted-modules"
-    expected = ["KANTumorSeg.py", "Resources/UI/KANTumorSeg.ui", "Resources/Icons/KANTumorSeg.png",
+    expected = ["KANTumorSeg.py", "Resources/UI/KANTumorSeg.ui", "Resources/Icons/KANTumorSeg.png", "Resources/KANTumorSegRequirements.txt",
                 "Resources/Models/kanunet2d_brats.safetensors", "Resources/Models/kanunet2d_brats.json"]
     expected += [f"KANTumorSegLib/{p.name}" for p in (REPO / "KANTumorSegLib").glob("*.py")]
     for tree in (modules, build / "lib" / "Slicer-5.8" / "qt-scripted-modules"):
