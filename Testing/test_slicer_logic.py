@@ -1006,3 +1006,22 @@ def test_the_self_test_runs_end_to_end_through_the_stand_in(logic_module):
     test = module.KANTumorSegTest()
     test.runTest()
     assert test.displayed[-1] == "KANTumorSegTest passed"
+
+
+def test_a_run_with_confidence_loads_the_map_and_the_ranges(logic_module, small_case, mixed_model):
+    """End to end with the real command's --confidence (issue 14's command side), when it has it."""
+    from KANTumorSegLib.cli import build_parser
+
+    try:
+        build_parser().parse_args(["segment", "case", "-o", "out", "--confidence"])
+    except SystemExit:
+        pytest.skip("the command has no --confidence yet")
+    module, logic, standin, tmp = logic_module
+    task = _run(logic, _volumes(small_case), mixed_model, waitForCompletion=True, confidence=True)
+    assert task.status == "completed", task.message
+    assert task.confidenceVolume is not None
+    assert task.confidenceVolume.image.GetSize() == _volumes(small_case)["t1ce"].image.GetSize()
+    table = task.volumeTable
+    assert [c.name for c in table.columns][-1] == "Range"
+    assert all(table.GetCellText(row, 4) for row in range(table.GetNumberOfRows()))
+    assert isinstance(task.notes.warnings, list)
