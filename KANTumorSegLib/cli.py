@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "accuracy check, float32 otherwise")
     segment.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (halved automatically on GPU out-of-memory)")
     segment.add_argument("--overwrite", action="store_true", help="replace existing outputs of this case")
+    segment.add_argument("--confidence", action="store_true",
+                         help="also write <case>_confidence.nii.gz (percent that each voxel's label is right) and a range "
+                              "around every volume, from 8 test-time flips and rotations (about 8x the model's time)")
     segment.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
                          help="bar on stderr, or one JSON line per step on stdout (for Slicer)")
     segment.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -148,7 +151,7 @@ def plan_cases(args: argparse.Namespace) -> list[tuple[dict[str, Path], str]]:
     if not args.overwrite:
         # segment_case refuses existing outputs too, but only when its case comes up.
         for _, case in cases:
-            refuse_existing(args.output, output_names(case))
+            refuse_existing(args.output, output_names(case, args.confidence))
     return cases
 
 
@@ -197,7 +200,7 @@ def run_segment(args: argparse.Namespace) -> int:
             print(f"Case {index}/{len(cases)}: {case}", file=sys.stderr, flush=True)
         try:
             result = segment_case(paths, args.output, case, args.model, args.device, args.labels,
-                                  args.overwrite, args.batch_size, progress, args.precision)
+                                  args.overwrite, args.batch_size, progress, args.precision, args.confidence)
         except KANTumorSegError as error:
             if len(cases) == 1:
                 raise
@@ -214,15 +217,18 @@ def run_segment(args: argparse.Namespace) -> int:
 
 def print_result(result: SegmentResult, progress: str) -> None:
     """One case's summary: the final JSON line for Slicer, or the volumes and files for people."""
-    from .measurements import parts_sentence
+    from .measurements import parts_sentence, volume_with_range
 
     if progress == "jsonl":
         print(json.dumps({"stage": "done", "case": result.case, "device": result.device, "precision": result.precision,
-                          "files": {k: str(v) for k, v in result.files.items()}}), flush=True)
+                          "files": {k: str(v) for k, v in result.files.items()}, "warnings": result.warnings}), flush=True)
     else:
         print(f"Segmented {result.case} on {result.device} ({result.precision}). Volumes (mL):")
         for row in result.volumes["regions"]:
-            print(f"  {row['name']:<4} {row['volume_ml']:10.2f}  {row['description']}")
+            if "range_ml" in row:  # --confidence: "WT 171.7 mL (165.2-180.1)"
+                print(f"  {volume_with_range(row):<30}  {row['description']}")
+            else:
+                print(f"  {row['name']:<4} {row['volume_ml']:10.2f}  {row['description']}")
         note = parts_sentence(result.volumes["whole_tumour_parts"])
         if note:
             print(f"  {note}")

@@ -122,6 +122,12 @@ def check_inputs(volume: np.ndarray, spacing: tuple[float, float, float]) -> lis
             "skull-stripped brains; skull-strip all four modalities first (e.g. HD-BET or SynthStrip), then segment again.")})
 
     interior = _erode(ref, 4)
+    # Away from the array's faces, so that the edge search's shifts never wrap around (a thin
+    # slab keeps no interior and skips the edge search).
+    margin = EDGE_SEARCH + 1
+    interior[:margin] = interior[-margin:] = False
+    interior[:, :margin] = interior[:, -margin:] = False
+    interior[:, :, :margin] = interior[:, :, -margin:] = False
     partial: set[str] = set()
     for m in MODALITIES:
         if m == "t1ce":

@@ -58,11 +58,23 @@ def whole_tumour_parts(labels: np.ndarray, voxel_ml: float) -> dict:
 
 
 def volumes_csv(volumes: dict) -> str:
-    """The volume table as CSV text (region, description, voxels, volume_ml)."""
-    lines = ["region,description,voxels,volume_ml"]
+    """The volume table as CSV text (region, description, voxels, volume_ml), with
+    range_low_ml and range_high_ml when the regions carry ``range_ml`` (``--confidence``)."""
+    ranged = all("range_ml" in r for r in volumes["regions"])
+    lines = ["region,description,voxels,volume_ml" + (",range_low_ml,range_high_ml" if ranged else "")]
     lines += [f"{r['name']},{r['description'].replace(',', ' ')},{r['voxels']},{r['volume_ml']}"
+              + (f",{r['range_ml'][0]},{r['range_ml'][1]}" if ranged else "")
               for r in volumes["regions"]]
     return "\n".join(lines) + "\n"
+
+
+def volume_with_range(region: dict) -> str:
+    """A region's volume for people, with its range when there is one: "WT 171.7 mL (165.2-180.1)"."""
+    text = f"{region['name']} {region['volume_ml']:.1f} mL"
+    if "range_ml" in region:
+        low, high = region["range_ml"]
+        text += f" ({low:.1f}-{high:.1f})"
+    return text
 
 
 def parts_sentence(parts: dict) -> str | None:

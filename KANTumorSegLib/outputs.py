@@ -23,15 +23,18 @@ from .labels import SEGMENTS, terminology, to_convention
 from .measurements import volumes_csv
 
 
-def output_names(case: str) -> dict[str, str]:
-    """The file name of each output of a case."""
-    return {
+def output_names(case: str, confidence: bool = False) -> dict[str, str]:
+    """The file name of each output of a case (with ``--confidence``, its confidence map too)."""
+    names = {
         "labelmap": f"{case}_seg.nii.gz",
         "segmentation": f"{case}.seg.nrrd",
         "volumes_json": f"{case}_volumes.json",
         "volumes_csv": f"{case}_volumes.csv",
         "overview": f"{case}_overview.png",
     }
+    if confidence:
+        names["confidence"] = f"{case}_confidence.nii.gz"
+    return names
 
 
 def refuse_existing(out_dir: Path, names: dict[str, str]) -> None:
@@ -44,10 +47,14 @@ def refuse_existing(out_dir: Path, names: dict[str, str]) -> None:
 class AtomicOutputs:
     """A staging folder in ``out_dir`` whose files are moved into place on ``commit``."""
 
-    def __init__(self, out_dir: Path, names: dict[str, str], overwrite: bool) -> None:
+    def __init__(self, out_dir: Path, names: dict[str, str], overwrite: bool, stale: tuple[str, ...] = ()) -> None:
         self.out_dir = out_dir
         self.names = names
         self.overwrite = overwrite
+        # Outputs of an earlier run that this run does not write (a confidence map, after a run
+        # without --confidence): removed on commit with --overwrite, so none is left describing
+        # other labels.
+        self.stale = stale
         self.staging: Path | None = None
         self.created_out_dir = False
 
@@ -86,6 +93,9 @@ class AtomicOutputs:
             for target in final.values():
                 target.unlink(missing_ok=True)
             raise
+        if self.overwrite:
+            for name in self.stale:
+                (self.out_dir / name).unlink(missing_ok=True)
         return final
 
     def __exit__(self, exc_type, exc, traceback) -> None:

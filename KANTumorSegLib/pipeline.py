@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from .measurements import tumour_volumes, whole_tumour_parts
 from .progress import no_progress
@@ -19,6 +21,8 @@ class SegmentResult:
     volumes: dict
     device: str
     precision: str
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    """The input checks' findings ({"code", "message"}, ``input_checks``); empty when all is well."""
 
 
 def segment_case(
@@ -32,8 +36,10 @@ def segment_case(
     batch_size: int = 16,
     progress: Callable[[str, int, int], None] = no_progress,
     precision: str = "auto",
+    confidence: bool = False,
 ) -> SegmentResult:
-    """Segment one case and write its labelmap, .seg.nrrd, volumes and overview."""
+    """Segment one case and write its labelmap, .seg.nrrd, volumes and overview; with
+    ``confidence``, also its confidence map and a range around every volume (``confidence.py``)."""
     import SimpleITK as sitk
 
     from . import __version__
@@ -43,18 +49,29 @@ def segment_case(
     from .volumes import labels_to_reference, load_case
     from .weights import load_model, read_card
 
-    names = output_names(case)
+    names = output_names(case, confidence)
     # Check the output folder, the model card and the images before importing torch (over a
     # second) and before the slow part, so that mistakes show at once.
-    with AtomicOutputs(out_dir, names, overwrite) as outputs:
+    stale = tuple(set(output_names(case, True).values()) - set(names.values()))
+    with AtomicOutputs(out_dir, names, overwrite, stale) as outputs:
         card = read_card(model_path)
         progress("read", 0, 4)
         volume, grid = load_case(paths)
         progress("read", 4, 4)
+        input_warnings = report_input_warnings(volume, grid.grid.GetSpacing())
         torch_device = choose_device(device)
         model, card, preprocessing = load_model(model_path, card)
-        predictor = SlicePredictor(model, torch_device, batch_size, choose_precision(precision, torch_device, card))
-        model_labels = segment_volume(volume, predictor, preprocessing, progress)
+        chosen_precision = choose_precision(precision, torch_device, card)
+        maps: dict[str, np.ndarray] | None = None
+        if confidence:
+            from .confidence import ConfidencePredictor, calibration_for
+
+            predictor = ConfidencePredictor(model, torch_device, batch_size, chosen_precision, calibration=calibration_for(card))
+            maps = {name: np.zeros(volume.shape[1:], dtype=np.uint8) for name in predictor.MAP_NAMES}
+        else:
+            predictor = SlicePredictor(model, torch_device, batch_size, chosen_precision)
+        model_labels = segment_volume(volume, predictor, preprocessing, progress, maps=maps)
+        predicted_labels = model_labels
         reference_labels = labels_to_reference(model_labels, grid)
 
         steps = 4
@@ -68,6 +85,9 @@ def segment_case(
         # Counted once, for this run's summary and volumes.json; the Slicer module's "Update
         # volumes" after an edit needs only the volumes.
         volumes["whole_tumour_parts"] = whole_tumour_parts(written, volumes["voxel_volume_ml"])
+        if maps is not None:
+            confidence_metadata = write_confidence_outputs(outputs.path("confidence"), maps, predicted_labels, model_labels,
+                                                           grid, written, volumes)
         metadata = {
             "case": case,
             "inputs": {m: str(p) for m, p in paths.items()},
@@ -78,10 +98,66 @@ def segment_case(
             # few boundary voxels against float32 (docs/PERFORMANCE.md, accuracy).
             "inference": {"device": str(predictor.device), "precision": predictor.precision},
             "kantumorseg_version": __version__,
+            "warnings": input_warnings,
         }
+        if maps is not None:
+            metadata["confidence"] = confidence_metadata
         write_volumes(outputs.path("volumes_json"), outputs.path("volumes_csv"), volumes, metadata)
         progress("write", 3, steps)
         write_overview(outputs.path("overview"), volume, model_labels, volumes)
         progress("write", 4, steps)
         files = outputs.commit()
-    return SegmentResult(case, files, volumes, str(predictor.device), predictor.precision)
+    return SegmentResult(case, files, volumes, str(predictor.device), predictor.precision, input_warnings)
+
+
+def report_input_warnings(volume: np.ndarray, spacing: tuple[float, float, float]) -> list[dict[str, str]]:
+    """Run the input checks (``input_checks``) and show each finding as a warning at once, before
+    the slow part; the run goes on. Shown every time, not once per process, as each case
+    of a cohort or worker request needs its own."""
+    import warnings
+
+    from .input_checks import check_inputs
+
+    found = check_inputs(volume, spacing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        for warning in found:
+            warnings.warn(warning["message"], stacklevel=2)
+    return found
+
+
+def write_confidence_outputs(path: Path, maps: dict[str, np.ndarray], predicted: np.ndarray, final: np.ndarray, grid,
+                             written: np.ndarray, volumes: dict) -> dict:
+    """Write the confidence map (uint8 percent on the reference grid, as the labelmap) and add
+    ``range_ml`` to every region of ``volumes``; the metadata for volumes.json.
+
+    ``predicted``: the model's labels, which the confidence is about; ``final``: the labels
+    after post-processing. Where post-processing changed a label, the confidence is the
+    complement of the model's confidence in the label it replaced (it removed what the model
+    called tumour, or renamed enhancing tumour as core).
+    """
+    import SimpleITK as sitk
+
+    from .confidence import DEFAULT_PASSES, LABELS_FROM_PASSES, RANGE_DELTA, volume_ranges
+    from .volumes import labels_to_reference
+
+    doubt = maps["doubt"]
+    changed = predicted != final
+    if changed.any():
+        doubt = np.where(changed, 100 - doubt, doubt)
+    # Doubt, not confidence, is resampled: anything outside the model grid reads 0, certain background.
+    on_reference = labels_to_reference(doubt, grid)
+    confidence_image = sitk.GetImageFromArray((100 - sitk.GetArrayViewFromImage(on_reference)).astype(np.uint8))
+    confidence_image.CopyInformation(on_reference)
+    sitk.WriteImage(confidence_image, str(path), useCompression=True)
+    bits = sitk.GetArrayFromImage(labels_to_reference(maps["range"], grid))
+    ranges = volume_ranges(bits, written, volumes["voxel_volume_ml"])
+    for region in volumes["regions"]:
+        region["range_ml"] = ranges[region["name"]]
+    return {
+        "file": path.name,
+        "meaning": "percent estimate that the written label of each voxel is right",
+        "passes": DEFAULT_PASSES,
+        "labels_from_passes": LABELS_FROM_PASSES,
+        "range_probability_band": [round(0.5 - RANGE_DELTA, 4), round(0.5 + RANGE_DELTA, 4)],
+    }
