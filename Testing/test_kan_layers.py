@@ -62,3 +62,37 @@ def test_chebyshev_basis_matches_numpy_chebyshev_polynomials():
 def test_too_few_grids_is_refused():
     with pytest.raises(ValueError):
         GaussianRBF(num_grids=1)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_layernorm_before_the_basis_equals_its_formula(grad):
+    """FastKAN's fix: the spline branch sees LayerNorm over the channels of each pixel; the
+    SiLU base branch still sees the raw input."""
+    torch.manual_seed(2)
+    layer = FastKANConv2d(3, 4, num_grids=4, grid_min=-2.0, grid_max=2.0, basis_norm="layer").double()
+    x = torch.relu(torch.empty(2, 3, 6, 5, dtype=torch.float64).normal_(0.5, 1.0))  # post-ReLU, as inside the net
+    mean = x.mean(dim=1, keepdim=True)
+    normed = (x - mean) / torch.sqrt(x.var(dim=1, unbiased=False, keepdim=True) + 1e-5)
+    base, spline = layer.split_weights()
+    h = 4.0 / 3
+    expected = (F.conv2d(F.silu(x), base, layer.conv.bias, padding=1)
+                + F.conv2d(gaussian_expansion(normed, [-2 + k * h for k in range(4)], h), spline, None, padding=1))
+    with torch.set_grad_enabled(grad):
+        actual = layer(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_post_relu_grid_puts_later_layers_on_the_range_they_receive():
+    from KANTumorSegLib.unet import KANUNet2D, ModelConfig
+
+    model = KANUNet2D(ModelConfig(num_grids=4, grid_placement="post_relu"))
+    kan = [m for m in model.modules() if isinstance(m, FastKANConv2d)]
+    first = model.inc[0]
+    np.testing.assert_allclose(first.basis.centres.numpy(), [-1, -1 / 3, 1 / 3, 1], rtol=1e-6)  # sees the image
+    for layer in kan:
+        if layer is not first:
+            np.testing.assert_allclose(layer.basis.centres.numpy(), [0, 1, 2, 3], rtol=1e-6)
+    with pytest.raises(ValueError):
+        ModelConfig(grid_placement="somewhere")
+    with pytest.raises(ValueError):
+        FastKANConv2d(2, 3, basis_norm="batch")

@@ -24,7 +24,7 @@ import pytest
 
 from KANTumorSegLib.weights import default_model_path
 from Training.data import read_nifti_case, voxel_ml
-from Training.metrics import score_test_case
+from Training.metrics import brain_slices, score_test_case
 
 CASES = {
     # case: (folder in the samples, minimum 3D Dice per region, most false-positive mL)
@@ -46,7 +46,7 @@ def test_shipped_model_segments_an_unseen_case(case_name: str, brats_samples: Pa
     assert done.returncode == 0, done.stderr
     predicted = np.asarray(nib.load(str(out / f"{case_name}_seg.nii.gz")).dataobj).astype(np.uint8)
     volume, expert = read_nifti_case(case)
-    figures, _, _ = score_test_case(predicted, expert, volume, voxel_ml(case))
+    figures, _, _ = score_test_case(predicted, expert, brain_slices(volume), voxel_ml(case))
     scores = {region: figures["volume_3d"][f"dice_{region}"] for region in minimum_dice}
     assert all(scores[r] >= minimum_dice[r] for r in minimum_dice), scores
     # Tumour marked on the brain slices where the expert has none.

@@ -13,8 +13,12 @@ from KANTumorSegLib.preprocessing import PreprocessingConfig
 from Training.data import (
     CASE_FOLDERS,
     HDF5_FOLDER,
+    QUANTUM,
+    TEST_CASES,
+    TRAIN_CASES,
     SliceSet,
     build_case_set,
+    case_volume,
     find_case_files,
     load_hdf5,
     make_split,
@@ -23,7 +27,6 @@ from Training.data import (
     read_nifti_case,
 )
 
-TEST_CASES = ("BraTS20_Training_001", "BraTS2021_00000")
 
 
 @pytest.fixture(scope="module")
@@ -115,15 +118,65 @@ def test_pick_patients_keeps_patients_whole(hdf5_set: SliceSet):
     assert int(np.isin(hdf5_set.patients, sorted(chosen)).sum()) == 50
 
 
-@pytest.mark.parametrize("pool", ["grid", "all"])  # the grid's splits; the shipped model's (ship5.yaml)
+@pytest.mark.parametrize("pool", ["grid", "all"])  # the grid's splits; the shipped model's (shipped.yaml)
 def test_split_seed_fixes_the_validation_patients_across_run_seeds(brats_samples: Path, slice_cache: Path, pool: str):
     from Training.config import DEFAULTS, merge
     from Training.train import load_datasets
 
     def split(seed: int, split_seed: int | None) -> dict:
         config = merge(DEFAULTS, {"seed": seed, "data": {"root": str(brats_samples), "cache": str(slice_cache),
-                                                          "train_case": "", "pool": pool, "split_seed": split_seed}})
+                                                          "train_cases": [] if pool == "grid" else ["Brats18_2013_2_1"], "pool": pool, "split_seed": split_seed}})
         return load_datasets(config, None)[2]
 
     assert split(1, 0)["val"] == split(0, None)["val"] and split(1, 0)["train"] == split(0, None)["train"]
     assert split(1, None)["val"] != split(0, None)["val"]
+
+
+@pytest.mark.parametrize("case", sorted(CASE_FOLDERS))
+def test_every_shared_3d_case_reads_as_brats(brats_samples: Path, case: str):
+    """The 15 cases of the shared README, section A: four 240 x 240 x 155 modalities, labels 0/1/2/4."""
+    volume, seg = read_nifti_case(brats_samples / CASE_FOLDERS[case])
+    assert volume.shape == (4, 240, 240, 155) and seg.shape == (240, 240, 155)
+    assert set(np.unique(seg)) <= {0, 1, 2, 4} and (seg > 0).any()
+
+
+def test_test_and_training_cases_are_disjoint_and_cover_what_users_bring():
+    assert not set(TEST_CASES) & set(TRAIN_CASES)
+    assert set(TEST_CASES) | set(TRAIN_CASES) == set(CASE_FOLDERS)
+    new = {c for c in TEST_CASES if c not in ("BraTS20_Training_001", "BraTS2021_00000")}
+    assert len(new) >= 5
+    assert "BraTS2021_01480" in new  # no enhancing tumour (shared README)
+
+
+def test_patient_disjoint_split_over_both_pools(brats_samples: Path, tmp_path: Path):
+    """The shipped recipe's split: validation patients from the HDF5 pool and 3D cases, none of
+    them training, no test case anywhere; val_in_train (the final run) trains on every one."""
+    from Training.config import DEFAULTS, merge
+    from Training.train import load_datasets
+
+    data = {"root": str(brats_samples), "cache": str(tmp_path), "pool": "all", "n_val": 25, "split_seed": 0,
+            "train_cases": ["Brats18_2013_2_1", "BraTS2021_01484"], "val_cases": ["BraTS2021_01484"]}
+    train, val, split = load_datasets(merge(DEFAULTS, {"data": data}), None)
+    assert not set(train.patients) & set(val.patients)
+    assert "BraTS2021_01484" in set(val.patients) and "Brats18_2013_2_1" in set(train.patients)
+    assert {"hdf5", "nifti"} <= set(val.sources) and not (set(train.patients) | set(val.patients)) & set(TEST_CASES)
+    assert (~val.has_tumour).any()  # tumour-free brain slices of the 3D case validate too
+    final, _, _ = load_datasets(merge(DEFAULTS, {"data": {**data, "val_in_train": True}}), None)
+    assert set(val.patients) <= set(final.patients)
+    with pytest.raises(ValueError, match="test cases"):
+        load_datasets(merge(DEFAULTS, {"data": {**data, "val_cases": ["BraTS2021_01480"]}}), None)
+
+
+def test_cached_case_matches_the_library_within_the_quantisation_step(brats_samples: Path, tmp_path: Path):
+    """The 8-bit LZMA cache the GPU trains on: inputs within half a step of the library's
+    preprocessing, and the cached labels pasted back give the expert volume voxel for voxel."""
+    case = "BraTS2021_01480"
+    built = build_case_set(brats_samples / CASE_FOLDERS[case], case, PreprocessingConfig())
+    built.save(tmp_path / "case.npy.xz")
+    loaded = SliceSet.load(tmp_path / "case.npy.xz")
+    error = np.abs(loaded.inputs.astype(np.float32) - built.inputs.astype(np.float32))
+    # float16 rounding of the cached value adds at most 2**-11 near 1.
+    assert error.max() <= QUANTUM / 2 + 2 ** -10
+    assert (loaded.inputs[built.inputs == -1] == -1).all()
+    _, seg = read_nifti_case(brats_samples / CASE_FOLDERS[case])
+    assert np.array_equal(case_volume(loaded), seg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from Training.metrics import case_metrics, dice, mean_metrics, score_test_case
+from Training.metrics import brain_slices, case_metrics, dice, mean_metrics, score_test_case
 
 
 def test_dice_by_hand():
@@ -67,7 +67,7 @@ def test_test_case_scores_on_a_real_case(brats_samples):
 
     folder = brats_samples / CASE_FOLDERS["BraTS2021_00000"]
     volume, truth = read_nifti_case(folder)
-    figures, preds, truths = score_test_case(truth, truth, volume, voxel_ml(folder))
+    figures, preds, truths = score_test_case(truth, truth, brain_slices(volume), voxel_ml(folder))
     tumour_z = np.nonzero(truth.any(axis=(0, 1)))[0]
     assert figures["n_tumour_slices"] == len(tumour_z) == len(preds) and np.array_equal(preds, truths)
     assert figures["volume_3d"]["dice_mean"] == 1.0 and figures["tumour_slices"]["dice_mean"] == 1.0
@@ -77,6 +77,6 @@ def test_test_case_scores_on_a_real_case(brats_samples):
     pred = truth.copy()
     x, y = np.argwhere(brain_mask(volume[..., free[0]]))[0]
     pred[x, y, free[0]] = 2
-    figures, _, _ = score_test_case(pred, truth, volume, voxel_ml(folder))
+    figures, _, _ = score_test_case(pred, truth, brain_slices(volume), voxel_ml(folder))
     assert figures["false_positive_ml_tumour_free_slices"] == pytest.approx(voxel_ml(folder)) == pytest.approx(0.001)
     assert figures["tumour_slices"]["dice_mean"] == 1.0 and figures["volume_3d"]["dice_mean"] < 1.0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "Training" / "configs" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "Training" / "configs" / "study.yaml"
 
 
 def run(*args, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -22,7 +22,7 @@ def run(*args, timeout: float = 180) -> subprocess.CompletedProcess:
 def tiny_overrides(samples: Path, tmp: Path, epochs: int) -> list[str]:
     settings = {
         "name": "tiny", "output": tmp / "runs", "data.root": samples, "data.cache": tmp / "cache",
-        "data.n_train": 8, "data.n_val": 4, "data.train_case": "null", "model.base_width": 4,
+        "data.n_train": 8, "data.n_val": 4, "data.train_cases": "[]", "model.base_width": 4,
         "train.epochs": epochs, "train.lr": 3.0e-3, "train.rot90_prob": 0, "train.shift_prob": 0,
         "train.test": "false", "train.progress": "false", "preprocessing.crop_size": 96,
         "train.checkpoint_every": 2,

@@ -48,6 +48,9 @@ def run_grid(grid_file: Path, jobs: int, only: list[str], extra: list[str] = (),
             run_env = env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": str(gpu)}
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=run_env)
             active.append((name, process, log, gpu))
+            # Staggered starts: a device machine whose memory grows on demand hung when a
+            # dozen processes loaded their data sets at once.
+            time.sleep(3)
         time.sleep(1)
         for item in list(active):
             name, process, log, _ = item

@@ -46,6 +46,13 @@ def per_slice_mean_dice(preds: np.ndarray, truths: np.ndarray) -> np.ndarray:
     return np.array([case_metrics(p, t)["dice_mean"] for p, t in zip(preds, truths)])
 
 
+def brain_slices(volume: np.ndarray) -> np.ndarray:
+    """One bool per axial slice of a (4, X, Y, Z) volume: does it hold brain (the library's mask)?"""
+    from KANTumorSegLib.preprocessing import brain_mask
+
+    return np.array([brain_mask(volume[..., z]).any() for z in range(volume.shape[-1])])
+
+
 def score_test_case(pred: np.ndarray, truth: np.ndarray, brain_slices: np.ndarray, voxel_ml: float):
     """One 3D test case's figures: 3D metrics, slice metrics over its tumour slices and
     false-positive mL on its brain slices without tumour (``brain_slices``: one bool per

@@ -29,6 +29,8 @@ DEADLINE=$(( START + ${BUDGET_S:-540} ))
 nvidia-smi -L
 pids=()
 for spec in "$@"; do
+  # One grid loads its data before the next starts (see grid.py).
+  [ ${#pids[@]} -gt 0 ] && sleep 20
   grid=${spec%%:*}; jobs=${spec##*:}
   python3 -m Training grid --config "$grid" --jobs "$jobs" --override train.deadline_unix=$DEADLINE \
     > "$STATE/$(basename "$grid" .yaml).log" 2>&1 &

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from Training.data import read_nifti_case, voxel_ml
-from Training.metrics import mean_metrics, score_test_case
+from Training.metrics import brain_slices, mean_metrics, score_test_case
 
 
 def score(prediction: Path, case_dir: Path) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -28,7 +28,7 @@ def score(prediction: Path, case_dir: Path) -> tuple[dict, np.ndarray, np.ndarra
     pred = np.asarray(nib.load(str(prediction)).dataobj).astype(np.uint8)
     if pred.shape != truth.shape:
         raise SystemExit(f"{prediction} has shape {pred.shape}, its case {truth.shape}.")
-    return score_test_case(pred, truth, volume, voxel_ml(case_dir))
+    return score_test_case(pred, truth, brain_slices(volume), voxel_ml(case_dir))
 
 
 def main(argv: list[str]) -> None:
