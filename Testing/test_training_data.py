@@ -28,7 +28,6 @@ from Training.data import (
 )
 
 
-
 @pytest.fixture(scope="module")
 def hdf5_index(brats_samples: Path) -> list[dict]:
     with open(brats_samples / HDF5_FOLDER / "index.csv", newline="") as stream:
@@ -124,8 +123,9 @@ def test_split_seed_fixes_the_validation_patients_across_run_seeds(brats_samples
     from Training.train import load_datasets
 
     def split(seed: int, split_seed: int | None) -> dict:
+        cases = [] if pool == "grid" else ["Brats18_2013_2_1"]
         config = merge(DEFAULTS, {"seed": seed, "data": {"root": str(brats_samples), "cache": str(slice_cache),
-                                                          "train_cases": [] if pool == "grid" else ["Brats18_2013_2_1"], "pool": pool, "split_seed": split_seed}})
+                                                          "train_cases": cases, "pool": pool, "split_seed": split_seed}})
         return load_datasets(config, None)[2]
 
     assert split(1, 0)["val"] == split(0, None)["val"] and split(1, 0)["train"] == split(0, None)["train"]
