@@ -11,6 +11,7 @@ machine's Python standing in for PythonSlicer), the real BraTS case and a real w
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -47,6 +48,9 @@ class _Node:
 
     def SetNodeReferenceID(self, role, node_id):
         self.references[role] = node_id
+
+    def IsA(self, class_name):
+        return False
 
 
 class _Volume(_Node):
@@ -238,6 +242,8 @@ class _Table(_Node):
 class _Scene:
     """Stands in for vtkMRMLScene: the nodes the Logic adds; test volumes count as present until removed."""
 
+    StartCloseEvent, EndCloseEvent, NodeAddedEvent = "StartCloseEvent", "EndCloseEvent", "NodeAddedEvent"
+
     def __init__(self):
         self.nodes = []
 
@@ -348,6 +354,139 @@ class _SegmentStatistics(types.ModuleType):
         standin.SegmentStatisticsLogic = SegmentStatisticsLogic
 
 
+class _Widget:
+    """Stands in for a Qt widget of the module's .ui: the properties the module sets, a combo
+    box's items, and its signal connections (``emit`` calls them as Qt would)."""
+
+    def __init__(self, name: str, class_name: str) -> None:
+        self.name, self.className = name, class_name
+        self.text = self.toolTip = self.plainText = self.currentPath = self.format = ""
+        self.enabled = self.visible = True
+        self.checked = False
+        self.currentIndex = -1
+        self.value = 0
+        self.items: list[tuple[str, object]] = []
+        self.connections: dict[str, list] = {}
+        self.tableNode = self.segmentationNode = None
+
+    def connect(self, signal, slot):
+        self.connections.setdefault(signal, []).append(slot)
+
+    def emit(self, signal, *args):
+        for slot in self.connections.get(signal, []):
+            slot(*args)
+
+    def hide(self):
+        self.visible = False
+
+    def show(self):
+        self.visible = True
+
+    def addItem(self, title, data=None):
+        self.items.append((title, data))
+
+    def findData(self, data):
+        return next((i for i, item in enumerate(self.items) if item[1] == data), -1)
+
+    def itemData(self, index):
+        return self.items[index][1]
+
+    def setRange(self, low, high):
+        pass
+
+    def setFormat(self, text):
+        self.format = text
+
+    def appendPlainText(self, text):
+        self.plainText += ("\n" if self.plainText else "") + text
+
+    def setMRMLTableNode(self, node):
+        self.tableNode = node
+
+    def setSegmentationNode(self, node):
+        self.segmentationNode = node
+
+    def setMRMLScene(self, scene):
+        pass
+
+
+def _load_ui(path):
+    """Stands in for slicer.util.loadUI: a root whose ``children`` are the .ui file's widgets."""
+    import xml.etree.ElementTree as ElementTree
+
+    root = _Widget("KANTumorSeg", "qMRMLWidget")
+    root.children = {w.get("name"): _Widget(w.get("name"), w.get("class"))
+                     for w in ElementTree.parse(path).getroot().iter("widget")}
+    return root
+
+
+class _ParameterNodeObservers:
+    """Stands in for VTKObservationMixin: ModifiedEvent observers of a parameter node are called
+    when one of its parameters is set, as the parameter node wrapper's Modified events do."""
+
+    def __init__(self):
+        self.observations = []
+
+    def addObserver(self, subject, event, method):
+        self.observations.append((subject, event, method))
+        if event == "ModifiedEvent":
+            subject._raw.observers.append(method)
+
+    def removeObserver(self, subject, event, method):
+        self.observations.remove((subject, event, method))
+        if event == "ModifiedEvent":
+            subject._raw.observers.remove(method)
+
+    def removeObservers(self):
+        self.observations = []
+
+
+def _parameter_node_wrapper(cls):
+    """Stands in for slicer.parameterNodeWrapper: the class's annotated parameters (defaults from
+    the class, None for nodes) kept in the raw parameter node, so that every wrapper of one node
+    shares them; setting one calls the node's ModifiedEvent observers."""
+    defaults = {name: getattr(cls, name, None) for name in cls.__annotations__}
+
+    class Wrapped:
+        def __init__(self, raw):
+            object.__setattr__(self, "_raw", raw)
+            if not hasattr(raw, "values"):
+                raw.values, raw.observers = dict(defaults), []
+
+        def __getattr__(self, name):
+            if name not in defaults:
+                raise AttributeError(name)
+            return self._raw.values[name]
+
+        def __setattr__(self, name, value):
+            if name not in defaults:
+                raise AttributeError(f"{name} is not a parameter")
+            self._raw.values[name] = value
+            for observer in list(self._raw.observers):
+                observer()
+
+        def connectGui(self, ui):
+            return object()
+
+        def disconnectGui(self, tag):
+            pass
+
+    Wrapped.__name__ = cls.__name__
+    return Wrapped
+
+
+class _QSettings:
+    """Stands in for qt.QSettings: one store for the test (as the user's settings file)."""
+
+    store: dict = {}
+
+    def value(self, key, default=None):
+        return self.store.get(key, default)
+
+    def setValue(self, key, value):
+        self.store[key] = value
+
+
 class SlicerStandIn:
     """Builds stand-ins of the modules ``slicer``, ``qt``, ``vtk`` and ``ctk`` with the calls
     KANTumorSeg.py makes at import and in its Logic; the widget is not exercised."""
@@ -371,7 +510,6 @@ class SlicerStandIn:
         self.installed = []
 
         util = types.ModuleType("slicer.util")
-        util.VTKObservationMixin = type("VTKObservationMixin", (), {})
         util.exportNode = self.export_node
         util.tempDirectory = lambda key="__SlicerTemp__": tempfile.mkdtemp(prefix=key, dir=self.temp_root)
         util.startupEnvironment = lambda: dict(os.environ)
@@ -381,30 +519,54 @@ class SlicerStandIn:
         util.loadVolume = self.load_volume
         util.pip_install = self.installed.append
         util.confirmOkCancelDisplay = lambda *args, **kwargs: True
+        util.loadUI = _load_ui
+        util.childWidgetVariables = lambda root: types.SimpleNamespace(**root.children)
+        util.getNodesByClass = lambda class_name: [n for n in self.scene.nodes if n.IsA(class_name)]
+        util.errorDisplay = lambda text, **kwargs: self.errors.append(text)
+        util.tryWithErrorDisplay = self.try_with_error_display
+        util.mainWindow = lambda: None
+        self.errors = []
         slicer.util = util
 
         i18n = types.ModuleType("slicer.i18n")
         i18n.tr = lambda text: text
         i18n.translate = lambda context, text: text
         wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-        wrapper.parameterNodeWrapper = lambda cls: cls
+        wrapper.parameterNodeWrapper = _parameter_node_wrapper
         wrapper.Choice = lambda choices: tuple(choices)
         scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-        for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget"):
-            setattr(scripted, name, type(name, (), {"__init__": lambda self, parent=None: setattr(self, "parent", parent)}))
+        scripted.ScriptedLoadableModule = type("ScriptedLoadableModule", (), {
+            "__init__": lambda self, parent=None: setattr(self, "parent", parent)})
+        scripted.ScriptedLoadableModuleWidget = type("ScriptedLoadableModuleWidget", (), {
+            "__init__": lambda self, parent=None: setattr(self, "parent", parent),
+            "setup": lambda self: setattr(self, "layout", types.SimpleNamespace(addWidget=lambda widget: None)),
+            "resourcePath": lambda self, path: str(REPO / "KANTumorSeg" / "Resources" / path)})
         scripted.ScriptedLoadableModuleTest = _ScriptedLoadableModuleTest
-        scripted.ScriptedLoadableModuleLogic = type("ScriptedLoadableModuleLogic", (), {"__init__": lambda self: None})
+        raw_parameter_node = types.SimpleNamespace()
+        scripted.ScriptedLoadableModuleLogic = type("ScriptedLoadableModuleLogic", (), {
+            "__init__": lambda self: None, "getParameterNode": lambda self: raw_parameter_node})
+        util.VTKObservationMixin = type("VTKObservationMixin", (_ParameterNodeObservers,), {})
 
         qt = types.ModuleType("qt")
         qt.QTimer = _Timer
+        qt.QSettings = _QSettings
         vtk = types.ModuleType("vtk")
         vtk.calldata_type = lambda kind: (lambda function: function)
         vtk.VTK_OBJECT = "vtkObject"
+        vtk.vtkCommand = types.SimpleNamespace(ModifiedEvent="ModifiedEvent")
         vtk.vtkStringArray = vtk.vtkDoubleArray = vtk.vtkIntArray = _Array
         self.sample_data = _SampleData()
         return {"slicer": slicer, "slicer.util": util, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
                 "slicer.ScriptedLoadableModule": scripted, "qt": qt, "vtk": vtk, "ctk": types.ModuleType("ctk"),
                 "SampleData": self.sample_data, "SegmentStatistics": _SegmentStatistics(self.scene)}
+
+    @contextlib.contextmanager
+    def try_with_error_display(self, message, waitCursor=False):
+        """As slicer.util.tryWithErrorDisplay: an exception is shown (recorded) and not raised."""
+        try:
+            yield
+        except Exception as error:
+            self.errors.append(f"{message} {error}")
 
     @staticmethod
     def export_node(node, path, properties, world=False):
@@ -444,6 +606,7 @@ def logic_module(tmp_path, monkeypatch):
     real_which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name: sys.executable if name == "PythonSlicer" else real_which(name))
     _Timer.pending = []
+    _QSettings.store = {}
     spec = importlib.util.spec_from_file_location("KANTumorSeg", REPO / "KANTumorSeg" / "KANTumorSeg.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -1025,3 +1188,71 @@ def test_a_run_with_confidence_loads_the_map_and_the_ranges(logic_module, small_
     assert [c.name for c in table.columns][-1] == "Range"
     assert all(table.GetCellText(row, 4) for row in range(table.GetNumberOfRows()))
     assert isinstance(task.notes.warnings, list)
+
+
+# ----------------------------------------------------------------------------- the panel
+
+
+def _run_events(until, limit_s: float = 300.0) -> None:
+    """Run the pending single-shot timers, as Qt's event loop would, until ``until()``."""
+    import time
+
+    deadline = time.monotonic() + limit_s
+    while not until() and time.monotonic() < deadline:
+        if _Timer.pending:
+            _Timer.pending.pop(0)()
+        time.sleep(0.02)
+    assert until(), "timed out"
+
+
+def test_the_panel_warms_up_segments_follows_edits_and_lets_the_scene_close(logic_module, small_case, mixed_model):
+    """KANTumorSegWidget on the stand-in's panel (widgets made from the .ui file, a parameter node
+    wrapper, settings and observers standing in for Slicer's): entering warms the worker up and
+    sets the Confidence default from its device; Apply makes the output only on success and shows
+    the table, the warnings banner (when the run warns) and the regions; an edit updates the
+    volumes; closing the scene drops the parameter node and cleanup ends the worker."""
+    module, logic, standin, tmp = logic_module
+    for modality in ("t1", "t1ce", "t2", "flair"):
+        standin.load_volume(small_case / f"crop_{modality}.nii.gz")
+    widget = module.KANTumorSegWidget(types.SimpleNamespace(isEntered=True))
+    widget.setup()
+    widget.logic._requirementsChecked = True
+    p = widget._parameterNode
+    assert [p.t1Volume.GetName(), p.t1ceVolume.GetName(), p.t2Volume.GetName(), p.flairVolume.GetName()] == \
+        ["crop_t1", "crop_t1ce", "crop_t2", "crop_flair"]
+    ui = widget.ui
+    assert ui.applyButton.enabled and not ui.warningsLabel.visible and not ui.progressBar.visible
+    assert [title for title, _ in ui.labelConventionComboBox.items] == ["BraTS 2017-2021: NCR 1, ED 2, ET 4",
+                                                                        "BraTS 2023: NCR 1, ED 2, ET 3"]
+
+    widget.enter()
+    _run_events(lambda: "Background worker ready" in ui.logTextEdit.plainText)
+    assert "(cpu)" in ui.logTextEdit.plainText and p.confidence is False
+    warmed = widget.logic._worker.process.pid
+
+    p.device, p.modelPath, p.addRegions = "cpu", str(mixed_model), True
+    ui.deviceComboBox.currentIndex = 3
+    widget.onApplyButton()
+    assert ui.applyButton.text == "Cancel" and p.outputSegmentation is None and standin.errors == []
+    _run_events(lambda: widget._task is None)
+    assert standin.errors == [], standin.errors
+    assert p.outputSegmentation is not None and p.outputSegmentation.GetName() == "crop_t1ce tumour"
+    assert p.regionsSegmentation is not None and ui.volumeTableView.tableNode is p.volumeTable
+    assert ui.progressBar.format.startswith("Done in") and ui.applyButton.text == "Apply"
+    # The banner shows the run's input warnings (this 8-slice crop may draw some), and only then.
+    assert ui.warningsLabel.visible == bool(widget._notes.warnings)
+    assert all(message in ui.warningsLabel.text for message in widget._notes.warnings)
+    assert widget.logic._worker.process.pid == warmed
+
+    p.outputSegmentation.segmentation.masks["ED"][:] = 0
+    p.outputSegmentation.segmentation.InvokeEvent("SourceRepresentationModified")
+    _run_events(lambda: ui.volumesStatusLabel.text.startswith("Volumes updated at"))
+    table = {p.volumeTable.GetCellText(r, 0): float(p.volumeTable.GetCellText(r, 2)) for r in range(p.volumeTable.GetNumberOfRows())}
+    classes = p.outputSegmentation.segmentation.masks
+    assert table["ED"] == 0.0 and table["WT"] == pytest.approx(table["NCR"] + table["ET"], abs=1e-3)
+    np.testing.assert_array_equal(p.regionsSegmentation.segmentation.masks["WT"], (classes["NCR"] | classes["ET"]).astype(np.uint8))
+
+    widget.onSceneStartClose(None, None)
+    assert widget._parameterNode is None and widget.logic._followed is None
+    widget.cleanup()
+    assert widget.logic._worker is None
