@@ -1,4 +1,8 @@
-"""Progress reporting: a bar with elapsed time and time left on stderr for people, JSON lines on stdout for Slicer."""
+"""Progress reporting: a bar with elapsed time and time left on stderr for people, JSON lines on stdout for Slicer.
+
+The bar is drawn here rather than by tqdm: the runtime is torch, numpy and SimpleITK, and one
+more package would be one more install into Slicer's Python for a few lines of drawing.
+"""
 
 from __future__ import annotations
 
