@@ -1,11 +1,13 @@
 """The parts of the 3D Slicer module that need no Slicer, kept here so that they are tested.
 
 KANTumorSeg.py (the module) runs ``kantumorseg segment`` in a background process (a
-long-lived ``kantumorseg worker``, see Worker, or a process of its own); this file
-builds that command line and its environment, matches loaded volume names to the four
-modalities, reads the process's ``--progress jsonl`` output line by line, and turns segment
-masks into the rows of the volume table. At module level it imports only the standard
-library, so that the module imports cheaply; numpy-based helpers import inside.
+long-lived ``kantumorseg worker``, see Worker, started and warmed up off Slicer's main thread by
+BackgroundStart, or a process of its own); this file builds that command line and its
+environment, matches loaded volume names to the four modalities, reads the process's
+``--progress jsonl`` output line by line, reads the run's warnings and volume ranges, compares
+installed package versions with the module's requirements list, and turns segment masks into
+the rows of the volume table. At module level it imports only the standard library, so that
+the module imports cheaply; numpy-based helpers import inside.
 """
 
 from __future__ import annotations
