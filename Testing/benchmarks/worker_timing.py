@@ -15,7 +15,7 @@ The caller's thread is measured as Slicer's main thread would run during the war
 timer tick (what Qt's event loop does between events), recording the longest gap between ticks.
 
     python3 Testing/benchmarks/worker_timing.py --device cuda --runs 3      # a GPU (wheels as h200_bench.sh)
-    .venv/bin/python Testing/benchmarks/worker_timing.py --device cpu --runs 2
+    .venv/bin/python Testing/benchmarks/worker_timing.py --device cpu --runs 2 [--case SMALL_CASE_DIR]
 """
 
 from __future__ import annotations
@@ -78,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--runs", type=int, default=3, help="fresh commands, and requests to each worker, each")
+    parser.add_argument("--case", type=Path, help="another case folder (default: BraTS20_Training_001); a small one "
+                        "shows the start-up costs on a CPU, where a whole case's segmentation hides them")
     args = parser.parse_args(argv)
-    case = case_files("BraTS20_Training_001")["t1ce"].parent
+    case = args.case or case_files("BraTS20_Training_001")["t1ce"].parent
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as scratch:
         outputs = (Path(scratch) / f"out{i}" for i in range(1000))
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"Caller's thread during the warm-up: {len(gaps)} ticks of {TICK_S * 1000:.0f} ms, longest gap "
                      f"{longest * 1000:.0f} ms, median {sorted(gaps)[len(gaps) // 2] * 1000:.0f} ms" if gaps else
                      "Caller's thread during the warm-up: no tick (the warm-up ended at once)")
-    print(f"# BraTS20_Training_001, --device {args.device}, {os.cpu_count()} CPUs")
+    print(f"# {case.name}, --device {args.device}, {os.cpu_count()} CPUs")
     print("| run | seconds | exit |\n|---|---|---|")
     for name, seconds, code in rows:
         print(f"| {name} | {seconds:.2f} | {code} |")
