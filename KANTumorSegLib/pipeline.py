@@ -46,6 +46,7 @@ def segment_case(
     from .inference import SlicePredictor, choose_device, choose_precision, segment_volume
     from .outputs import AtomicOutputs, output_names, write_labelmap, write_segmentation, write_volumes
     from .overview import write_overview
+    from .postprocess import PostprocessConfig, postprocess
     from .volumes import labels_to_reference, load_case
     from .weights import load_model, read_card
 
@@ -72,6 +73,10 @@ def segment_case(
             predictor = SlicePredictor(model, torch_device, batch_size, chosen_precision)
         model_labels = segment_volume(volume, predictor, preprocessing, progress, maps=maps)
         predicted_labels = model_labels
+        # The card's post-processing (tiny whole-tumour parts, a trace of enhancing tumour),
+        # on the model grid so the overview shows what is written.
+        post = PostprocessConfig.from_dict(card.get("postprocessing"))
+        model_labels = postprocess(model_labels, float(np.prod(grid.grid.GetSpacing())) / 1000.0, post)
         reference_labels = labels_to_reference(model_labels, grid)
 
         steps = 4
