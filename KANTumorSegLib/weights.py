@@ -71,12 +71,15 @@ def load_model(weights: Path, card: dict | None = None):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .postprocess import PostprocessConfig
     from .unet import KANUNet2D, ModelConfig
 
     card = card if card is not None else read_card(weights)
     try:
         config = ModelConfig.from_dict(card["model"])
         preprocessing = PreprocessingConfig.from_dict(card["preprocessing"])
+        # Checked here so that a bad threshold stops the run before the slow part.
+        PostprocessConfig.from_dict(card.get("postprocessing"))
     except (KeyError, TypeError, ValueError) as error:
         raise KANTumorSegError(f"Model card {card_path(weights)} has an invalid config: {error}.") from None
     try:

@@ -325,6 +325,11 @@ def gamma_list_too_short(s: Setup) -> list[str]:
     return s.args()
 
 
+def postprocessing_threshold_negative(s: Setup) -> list[str]:
+    s.edit_card(lambda card: card.update(postprocessing={"min_component_ml": -1.0, "et_min_ml": 0.5}))
+    return s.args()
+
+
 def batch_size_zero(s: Setup) -> list[str]:
     return s.args("--batch-size", "0")
 
@@ -378,6 +383,8 @@ TABLE = [
     Row(config_invalid, 2, r"error: Model card \S+tiny\.json has an invalid config: head must be one of"),
     Row(channel_order_mismatch, 2, r"error: Model card \S+tiny\.json has an invalid config: channel order"),
     Row(gamma_list_too_short, 2, r"error: Model card \S+tiny\.json has an invalid config: gamma \[1\.0, 1\.5, 1\.5\] needs 4"),
+    Row(postprocessing_threshold_negative, 2,
+        r"error: Model card \S+tiny\.json has an invalid config: post-processing thresholds must not be negative"),
     Row(pickle_weights, 2, r"error: Model weights \S+tiny\.safetensors could not be read as safetensors"),
     Row(batch_size_zero, 2, r"error: --batch-size must be at least 1\."),
     Row(no_case_and_not_all_files, 2, r"error: Give a case folder, or all four of --t1 --t1ce --t2 --flair\."),

@@ -7,8 +7,10 @@ post-processing thresholds swept on the same raw predictions.
 the (min_component_ml, et_min_ml) pairs within 0.001 of the highest per-case 3D mean Dice, the
 smallest thresholds (a larger one would drop satellite lesions that validation never showed).
 Where every ET threshold scores the same (validation patients whose enhancing tumour is far
-above them cannot tell), the ET rule takes ET_LITERATURE_ML instead of switching off. ``--cases test`` reports the test patients, before and after the post-processing in the
-model card (or ``--post A,B``); test figures never choose anything. On 2 CPU cores in bfloat16,
+above them cannot tell), the ET rule takes ET_LITERATURE_ML instead of switching off.
+
+``--cases test`` reports the test patients, before and after the post-processing in the model
+card (or ``--post A,B``); test figures never choose anything. On 2 CPU cores in bfloat16,
 about 12 s a case.
 """
 
@@ -34,8 +36,10 @@ ET_LITERATURE_ML = 0.5
 (nnU-Net's BraTS entries, Isensee et al.) turn predicted enhancing tumour into core."""
 
 
-def predict(model_path: Path, cases: list[str], root: Path) -> dict:
-    """case -> (raw model labels, expert labels, brain slices, voxel mL): the library's path."""
+def predict(model_path: Path, cases: list[str], root: Path, cache: Path | None) -> dict:
+    """case -> (raw model labels, expert labels, brain slices, voxel mL): the library's path.
+    With ``cache``, raw labels are kept there per model checksum and case, so a second sweep
+    or report of the same model skips the network."""
     from KANTumorSegLib.inference import SlicePredictor, choose_device, choose_precision, segment_volume
     from KANTumorSegLib.weights import load_model
 
@@ -45,8 +49,15 @@ def predict(model_path: Path, cases: list[str], root: Path) -> dict:
     out = {}
     for case in cases:
         volume, truth = read_nifti_case(root / CASE_FOLDERS[case])
-        out[case] = (segment_volume(volume, predictor, preprocessing), truth, brain_slices(volume),
-                     voxel_ml(root / CASE_FOLDERS[case]))
+        kept = cache / f"{card['sha256'][:16]}_{case}.npy" if cache else None
+        if kept is not None and kept.exists():
+            raw = np.load(kept)
+        else:
+            raw = segment_volume(volume, predictor, preprocessing)
+            if kept is not None:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                np.save(kept, raw)
+        out[case] = (raw, truth, brain_slices(volume), voxel_ml(root / CASE_FOLDERS[case]))
         print(f"{case}: predicted", flush=True)
     return out
 
@@ -90,9 +101,10 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("../shared/data/brats_samples"))
     parser.add_argument("--post", default=None, help="min_component_ml,et_min_ml (default: the model card's)")
     parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, default=None, help="keep raw predictions here (per model and case)")
     args = parser.parse_args()
     cases = list(VALIDATION_CASES if args.cases == "val" else TEST_CASES)
-    predictions = predict(args.model, cases, args.root)
+    predictions = predict(args.model, cases, args.root, args.cache)
     result = {"model": str(args.model), "cases": cases}
     if args.cases == "val":
         chosen, sweep = choose(predictions)
