@@ -1,8 +1,8 @@
-"""Command line of the training package: train, export, grid, report.
+"""Command line of the training package: cache, train, export, grid, report.
 
 ``kantumorseg-train --config X.yaml [--override key=value ...]`` and
 ``kantumorseg-export RUN_DIR -o Resources/Models/kanunet2d_brats.safetensors`` are the
-installed entry points; ``python -m Training {train,export,grid,report}`` reaches all four.
+installed entry points; ``python -m Training {cache,train,export,grid,report}`` reaches all five.
 """
 
 from __future__ import annotations
@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _train_parser(commands.add_parser("train", help="train one run"))
     _export_parser(commands.add_parser("export", help="export a run to safetensors + model card"))
+    cache = commands.add_parser("cache", help="build the 8-bit slice cache of every shared case and stage it for a GPU")
+    cache.add_argument("--root", type=Path, default=Path("../shared/data/brats_samples"), help="the shared BraTS samples")
+    cache.add_argument("--cache", type=Path, default=Path(".cache/slices_q8"), help="cache folder (data.cache)")
+    cache.add_argument("--stage", type=Path, default=None,
+                       help="also hard-link the training caches into STAGE/train and the test caches into STAGE/test "
+                            "(each fits one device call: Training/scripts/device_run.sh)")
     grid = commands.add_parser("grid", help="run the experiment grid as parallel processes")
     grid.add_argument("--config", type=Path, required=True, help="grid YAML (base config, seeds, cells)")
     grid.add_argument("--jobs", type=int, default=4, help="runs at a time")
@@ -90,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(lambda: _train(args))
     if args.command == "export":
         return _run(lambda: _export(args))
+    if args.command == "cache":
+        from .data import stage_cache
+
+        return _run(lambda: print(stage_cache(args.root, args.cache, args.stage)))
     if args.command == "grid":
         from .grid import run_grid
 

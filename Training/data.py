@@ -306,3 +306,25 @@ def select(split_keys: list, sets: list[SliceSet]) -> SliceSet:
 
 def save_split(split: dict, path: Path) -> None:
     path.write_text(json.dumps(split, indent=1) + "\n")
+
+
+def stage_cache(root: Path, cache: Path, stage: Path | None = None) -> str:
+    """Build the cache of the HDF5 slices and every shared 3D case (the library's preprocessing
+    at its defaults, the study's), and with ``stage`` hard-link it into stage/train (HDF5 and
+    the training cases) and stage/test (the test cases): about 39 and 28 MB, so each travels
+    in one device call beside the repository. Returns a one-line summary."""
+    import os
+
+    config = PreprocessingConfig()
+    load_hdf5(root, cache, config)
+    for case in CASE_FOLDERS:
+        load_case(root, cache, case, config)
+    if stage is None:
+        return f"cache ready in {cache}"
+    for part, names in (("train", ["hdf5", *TRAIN_CASES]), ("test", list(TEST_CASES))):
+        (stage / part).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            target = stage / part / f"{name}.npy.xz"
+            target.unlink(missing_ok=True)
+            os.link(cache / f"{name}.npy.xz", target)
+    return f"cache ready in {cache}, staged in {stage}/train and {stage}/test"

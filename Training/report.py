@@ -70,9 +70,10 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 PAIRED_CELLS = [(f"kan_n{n}", f"plain_n{n}") for n in (50, 100, 150)] + [
-    ("kan_g2_n100", "plain_n100"), ("kan_g2_n100", "basicunet_n100")]
-"""(KAN cell, reference cell) pairs with the same n, seeds and splits: the study's KAN against
-plain Conv2d per n, and the 2-grid KAN (the grid-count ablation's best) against both controls."""
+    (f"kan_postrelu_n{n}", reference) for n in (50, 100, 150) for reference in (f"plain_n{n}", f"kan_n{n}")]
+"""(KAN cell, reference cell) pairs with the same n, seeds and splits (Training/configs/table1.yaml):
+the study's KAN against plain Conv2d per n, and the fixed basis against plain Conv2d and the
+study's layer."""
 
 
 def paired_tests(cells: dict) -> list[list[str]]:

@@ -3,7 +3,13 @@
 # run folders (without checkpoints) and each KANU-Net run's exported weights into $OUT.
 #   BUDGET_S=1150 bash Training/scripts/device_run.sh GRID.yaml:JOBS [GRID.yaml:JOBS ...]
 # Each grid runs as its own driver with JOBS processes at a time, all grids side by side.
-# Expects the slice cache in .cache/slices_q8 (python -m Training cache) and MONAI importable.
+# Expects the slice cache in .cache/slices_q8 and MONAI importable. `python -m Training cache
+# --stage .stage` builds the cache here and splits it into .stage/train (39 MB) and .stage/test
+# (28 MB); with the 18 MB tree each fits one device call (64 MiB), not both. Runs that score the
+# test patients (train.test: true) need both on the machine: a first call carries .stage/test and
+# copies it into .cache/slices_q8, and the next call, made within the 30 s the machine stays
+# warm, carries .stage/train and runs this script. Runs with train.test: false need only
+# .stage/train; their exported models are scored here with Training/scripts/evaluate_model.py.
 # With DETACH=1 it starts itself in a new process session and returns (the device tool keeps
 # such a process while the machine stays warm); `bash Training/scripts/device_run.sh --wait`
 # then waits for it and packs what is there.
