@@ -31,7 +31,8 @@ def segment(*args: str | Path) -> subprocess.CompletedProcess:
 
 
 def error_lines(done: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in done.stderr.splitlines() if line.strip()]
+    """The run's stderr lines but its warnings: the input checks warn about these 8-slice cases."""
+    return [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("kantumorseg: warning:")]
 
 
 @pytest.fixture(scope="module")
