@@ -43,10 +43,10 @@ MAX_FLAIR_T2_CORRELATION = 0.9
 MAX_FLAIR_CSF_RATIO = 1.25
 """FLAIR in the T1-darkest 5 % of the brain's interior (mostly CSF, dark in FLAIR, bright in T2)
 over FLAIR's interior median: 0.42-1.05 in the shared cases, 0.78-2.94 for their T2."""
-MIN_BRAIN_DEPTH_MM = 80.0
-"""Axial extent of the T1ce's brain (a whole brain spans about 130-150 mm)."""
 MAX_SLICE_MM = 3.0
-"""Axial slice spacing beyond which the volumes lose accuracy (the model saw 1 mm slices)."""
+"""Axial slice spacing of the T1ce beyond which the volumes lose accuracy (the model saw 1 mm
+slices; a brain in 5 mm slices is 26-30 slices). A T1ce that covers part of the brain in thin
+slices is not flagged: it is a choice (a slab around the tumour), and the labels stay right."""
 
 
 def foreground(values: np.ndarray) -> np.ndarray:
@@ -106,12 +106,11 @@ def check_inputs(volume: np.ndarray, spacing: tuple[float, float, float]) -> lis
         return warnings
 
     brain_slices = np.nonzero(ref.any(axis=(0, 1)))[0]
-    depth_mm = (brain_slices[-1] - brain_slices[0] + 1) * sub_spacing[2]
-    if spacing[2] > MAX_SLICE_MM or depth_mm < MIN_BRAIN_DEPTH_MM:
+    if spacing[2] > MAX_SLICE_MM:
         warnings.append({"code": "few_axial_slices", "message": (
-            f"The T1ce has {volume.shape[3]} axial slices of {spacing[2]:.1f} mm ({depth_mm:.0f} mm of brain): "
-            f"the model was trained on whole brains in 1 mm slices; with thick slices or part of the brain the labels and "
-            "volumes are less exact, and tumour outside these slices is missed.")})
+            f"The T1ce has {volume.shape[3]} axial slices of {spacing[2]:.1f} mm: the model segments each axial slice and "
+            "was trained on 1 mm slices; with slices this thick the tumour's boundary between slices and the volumes are "
+            "coarse (use a 3D T1ce of 1-1.5 mm if there is one).")})
 
     big = [m for m in MODALITIES if masks[m].sum() * voxel_ml > MAX_BRAIN_ML]
     if big:

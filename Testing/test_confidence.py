@@ -121,8 +121,8 @@ def test_the_confidence_map_is_percent_on_the_labelmap_grid(both_runs):
     values = sitk.GetArrayFromImage(confidence)
     labels = sitk.GetArrayFromImage(labelmap)
     assert values.max() <= 100
-    # Far from the tumour the model is sure; somewhere along the tumour's border it is not.
-    assert np.median(values[labels == 0]) == 100
+    # Far from the tumour the model is sure (98-99 % once calibrated); somewhere along the tumour's border it is not.
+    assert np.median(values[labels == 0]) >= 95
     assert values[labels > 0].min() < 90
 
 
@@ -173,4 +173,4 @@ def test_the_worker_passes_confidence_through(small_case: Path, shipped_model: P
     assert lines[-1] == '{"event": "exit", "code": 0}', lines[-3:]
     final = json.loads(next(line for line in lines if line.startswith('{"stage": "done"')))
     assert Path(final["files"]["confidence"]).name == "crop_confidence.nii.gz" and Path(final["files"]["confidence"]).is_file()
-    assert [w["code"] for w in final["warnings"]] == ["few_axial_slices"]
+    assert final["warnings"] == []

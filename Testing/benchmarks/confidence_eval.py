@@ -15,13 +15,20 @@ derives from those passes:
 - 3D Dice (WT, TC, ET) of the one-pass labels and of the labels of 2, 4 and 8 averaged passes;
 - per region, whether the expert volume falls in ``range_ml`` and the range's width, for the
   shipped band (``confidence.RANGE_DELTA``) and other bands;
-- with ``--cost-cases``, seconds of the plain command and of ``--confidence`` (fresh processes).
+- with ``--cost-cases``, seconds of the plain command and of ``--confidence`` on ``--device``, warm
+  (in this process, as the Slicer module's worker runs them) and as fresh processes.
 
 It writes ``confidence_eval.json`` and ``reliability.png`` into ``--out``. The whole thing is one
-command, to rerun for a new model:
+command, to rerun for a new model (about 5 minutes a case on 2 CPU cores; ``--cache`` keeps each
+case's figures, so that a second run only redoes the analysis and the timing):
 
-    .venv/bin/python Testing/benchmarks/confidence_eval.py --out docs/figures/confidence_eval --calibration
-    .venv/bin/python Testing/benchmarks/confidence_eval.py --device cuda --out runs/confidence_eval_gpu --calibration
+    .venv/bin/python Testing/benchmarks/confidence_eval.py --out docs/figures/confidence --calibration --cache .cache/confidence
+    # the cost on a GPU beside the plain command (no evaluation; 3 repeats):
+    python3 Testing/benchmarks/confidence_eval.py --device cuda --out runs/confidence_gpu --cases --cost-repeats 3
+
+With ``--calibration`` it prints ``calibration_fitted.to_ship``: the line that gives a new model its
+Platt scaling in ``KANTumorSegLib/confidence.py`` (``CALIBRATIONS``); rerun then to see the map as
+written. The test figures in "as written" use what the library holds for the model.
 
 Needs the training extras (scipy for the 10 mm distance, matplotlib for the diagram).
 """
@@ -45,24 +52,19 @@ sys.path.insert(0, str(REPO))
 
 from KANTumorSegLib import confidence as conf  # noqa: E402
 from KANTumorSegLib.measurements import tumour_volumes  # noqa: E402
+from Training.data import CASE_FOLDERS  # noqa: E402
+from Training.data import TEST_CASES as TEST_CASE_IDS  # noqa: E402
 
 SAMPLES = Path(os.environ.get("KANTUMORSEG_SAMPLES", REPO.parent / "shared" / "data" / "brats_samples"))
-TEST_CASES = {
-    "BraTS20_Training_001": "HunorLaczko_IPCV-TRDP_BraTS_2020/example/BraTS20_Training_001",
-    "BraTS2021_00000": "DevNazrin_brats-segmentation-study/example_case",
-    "BraTS2021_01480": "patliao_SYSC4907-Glioma-Growth-Visualization/BraTS2021_01480",
-    "BraTS2021_01476": "patliao_SYSC4907-Glioma-Growth-Visualization/BraTS2021_01476",
-    "BraTS2021_00019": "indigoYoshimaru_3d-brain-thesis/BraTS2021_00019",
-    "BraTS2021_01485": "patliao_SYSC4907-Glioma-Growth-Visualization/BraTS2021_01485",
-    "BraTS19_CBICA_ASK_1": "indigoYoshimaru_3d-brain-thesis/BraTS19_CBICA_ASK_1",
-}
-"""Issue 14's test patients: never used for training or for choosing the estimator."""
-CALIBRATION_CASES = {
-    **{f"BraTS2021_{n}": f"indigoYoshimaru_3d-brain-thesis/BraTS2021_{n}" for n in ("00002", "00003", "00005", "00006", "00024")},
-    **{f"BraTS2021_{n}": f"patliao_SYSC4907-Glioma-Growth-Visualization/BraTS2021_{n}" for n in ("01482", "01484")},
-}
-"""The other shared 3D cases outside training (Brats18_2013_2_1 trained the model): where the
-passes, the band and the label source were chosen."""
+TEST_CASES = {case: CASE_FOLDERS[case] for case in TEST_CASE_IDS}
+"""Issue 14's test patients (``Training.data.TEST_CASES``): never used for training or for
+choosing the estimator."""
+CALIBRATION_CASES = {case: folder for case, folder in CASE_FOLDERS.items()
+                     if case not in TEST_CASE_IDS and case != "Brats18_2013_2_1"}
+"""The other shared 3D cases, where the Platt scaling is fitted (and the passes, the band and the
+label source were chosen). Outside the training of the model shipped until round 5 (HDF5 slices
+and Brats18_2013_2_1); a model trained on ``Training.data.TRAIN_CASES`` has seen them, and its
+calibration fitted here is then optimistic: the test patients' reliability diagram shows by how much."""
 NEAR_MM = 10.0
 BANDS = (0.1, 0.2, 0.3, 0.4, 0.45, 0.49)
 REGION_ORDER = ("NCR", "ED", "ET", "WT", "TC")
@@ -212,7 +214,9 @@ def as_written(raw: np.ndarray, calibration: tuple[float, float]) -> np.ndarray:
 
 def fit_platt(raws: list[np.ndarray], wrongs: list[np.ndarray], per_case: int = 200_000) -> tuple[float, float]:
     """(a, b) of sigmoid(a logit(raw) + b) fitted to "the label is right" by logistic regression
-    (Newton's method), each case weighing the same (a fixed-seed sample of its voxels)."""
+    (log loss minimised by L-BFGS), each case weighing the same (a fixed-seed sample of its voxels)."""
+    from scipy.optimize import minimize
+
     rng = np.random.default_rng(0)
     xs, ys = [], []
     for raw, wrong in zip(raws, wrongs):
@@ -220,18 +224,18 @@ def fit_platt(raws: list[np.ndarray], wrongs: list[np.ndarray], per_case: int = 
         clipped = np.clip(raw[pick].astype(np.float64), 1e-6, 1 - 1e-6)
         xs.append(np.log(clipped / (1 - clipped)))
         ys.append(~wrong[pick])
-    x, y = np.concatenate(xs), np.concatenate(ys).astype(np.float64)
-    design = np.stack([x, np.ones_like(x)], axis=1)
-    w = np.array([1.0, 0.0])
-    for _ in range(50):
-        p = 1 / (1 + np.exp(-design @ w))
-        gradient = design.T @ (y - p)
-        hessian = (design * (p * (1 - p))[:, None]).T @ design
-        step = np.linalg.solve(hessian + 1e-9 * np.eye(2), gradient)
-        w += step
-        if np.abs(step).max() < 1e-8:
-            break
-    return float(w[0]), float(w[1])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    sign = np.where(y, -1.0, 1.0)
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        z = w[0] * x + w[1]
+        # -log sigmoid(z) for right voxels, -log(1 - sigmoid(z)) for wrong ones, computed stably.
+        value = np.logaddexp(0.0, sign * z)
+        d = sign / (1.0 + np.exp(-sign * z))
+        return float(value.mean()), np.array([(d * x).mean(), d.mean()])
+
+    result = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B")
+    return float(result.x[0]), float(result.x[1])
 
 
 def reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> dict:
@@ -293,18 +297,36 @@ def summarise(cases: dict[str, dict]) -> dict:
 
 
 def command_cost(folder: Path, args, repeats: int) -> dict:
-    """Seconds of the plain command and of ``--confidence`` on one case, each a fresh process."""
-    times: dict[str, list[float]] = {"plain": [], "confidence": []}
+    """Seconds of the plain command and of ``--confidence`` on one case: in this (warm) process
+    through ``cli.main``, as a running Slicer worker runs them (best of ``repeats`` after one
+    warm-up), and as fresh processes (best of ``repeats``)."""
+    import contextlib
+    import io
+
+    from KANTumorSegLib.cli import main as command
+
+    modes = {"plain": [], "confidence": ["--confidence"]}
+    times: dict[str, dict[str, list[float]]] = {"warm": {m: [] for m in modes}, "fresh process": {m: [] for m in modes}}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(repeats):
-            for mode, extra in (("plain", []), ("confidence", ["--confidence"])):
-                cmd = [sys.executable, "-m", "KANTumorSegLib", "segment", str(folder), "-o", tmp, "--overwrite",
-                       "--progress", "none", "--device", args.device, "--model", str(args.model), *extra]
+        for mode, extra in modes.items():
+            argv = ["segment", str(folder), "-o", tmp, "--overwrite", "--progress", "none", "--device", args.device,
+                    "--model", str(args.model), *extra]
+            for run in range(repeats + 1):
                 start = time.perf_counter()
-                subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-                times[mode].append(round(time.perf_counter() - start, 2))
-    best = {mode: min(v) for mode, v in times.items()}
-    return {"seconds": times, "best": best, "ratio": round(best["confidence"] / best["plain"], 2)}
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    code = command(argv)
+                if code != 0:
+                    raise SystemExit(f"kantumorseg {' '.join(argv)} failed with exit code {code}")
+                if run:  # the first run warms up
+                    times["warm"][mode].append(round(time.perf_counter() - start, 2))
+            for _ in range(repeats):
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "KANTumorSegLib", *argv], check=True, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                times["fresh process"][mode].append(round(time.perf_counter() - start, 2))
+    best = {kind: {mode: min(v) for mode, v in per.items()} for kind, per in times.items()}
+    return {"seconds": times, "best": best,
+            "confidence_over_plain": {kind: round(b["confidence"] / b["plain"], 2) for kind, b in best.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--cases", nargs="*", default=list(TEST_CASES), help="test cases (ids of TEST_CASES or CALIBRATION_CASES)")
-    parser.add_argument("--calibration", action="store_true", help="also evaluate the calibration cases (reported apart)")
+    parser.add_argument("--calibration", action="store_true",
+                        help="first evaluate the calibration cases (reported apart) and fit the Platt scaling on them")
+    parser.add_argument("--calibration-cases", nargs="*", default=list(CALIBRATION_CASES),
+                        help="which calibration cases (default: all of CALIBRATION_CASES)")
     parser.add_argument("--cost-cases", nargs="*", default=["BraTS20_Training_001", "BraTS2021_00000"],
                         help="cases whose plain and --confidence commands are timed (none: skip)")
     parser.add_argument("--cost-repeats", type=int, default=1)
@@ -342,10 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     library = conf.calibration_for(card)
     report["calibration_in_library"] = list(library)
-    sets = {"calibration": list(CALIBRATION_CASES)} if args.calibration else {}
+    sets = {"calibration": args.calibration_cases} if args.calibration else {}
     sets["test"] = args.cases
     fitted = None
     for set_name, names in sets.items():
+        if not names:  # --cases with no case: the cost alone
+            continue
         cases, arrays = {}, {}
         for name in names:
             print(f"{set_name}: {name} ...", file=sys.stderr, flush=True)
@@ -374,9 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cost_cases:
         report["cost"] = {name: command_cost(SAMPLES / folders[name], args, args.cost_repeats) for name in args.cost_cases}
     (args.out / "confidence_eval.json").write_text(json.dumps(report, indent=1) + "\n")
-    summary = report["test"]["summary"]
-    print(json.dumps({"auroc_mean": summary["auroc_mean"], "dice_3d_mean": summary["dice_3d_mean"],
-                      "ranges": summary["ranges"], "cost": report.get("cost")}, indent=1))
+    summary = report.get("test", {}).get("summary", {})
+    print(json.dumps({"auroc_mean": summary.get("auroc_mean"), "dice_3d_mean": summary.get("dice_3d_mean"),
+                      "ranges": summary.get("ranges"), "calibration_fitted": report.get("calibration_fitted"),
+                      "cost": report.get("cost")}, indent=1))
     return 0
 
 
