@@ -995,11 +995,11 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene.RemoveNode(storageNode)
         displayNode = node.GetDisplayNode()
         displayNode.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileHotToColdRainbow.txt")
-        displayNode.AutoWindowLevelOff()
+        displayNode.SetAutoWindowLevel(0)
         displayNode.SetWindowLevelMinMax(0, self.LOW_CONFIDENCE_PERCENT)
-        displayNode.AutoThresholdOff()
+        displayNode.SetAutoThreshold(0)
         displayNode.SetThreshold(0, self.LOW_CONFIDENCE_PERCENT - 1)
-        displayNode.ApplyThresholdOn()
+        displayNode.SetApplyThreshold(1)
         return node
 
     @staticmethod

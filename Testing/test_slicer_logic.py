@@ -1113,7 +1113,7 @@ def test_confidence_map_ranges_and_warnings_are_shown(logic_module, small_case, 
     assert task.confidenceVolume is not None and task.confidenceVolume.GetName() == "BraTS20_Training_001_t1ce confidence"
     display = task.confidenceVolume.display.settings
     assert display["SetAndObserveColorNodeID"] == ("vtkMRMLColorTableNodeFileHotToColdRainbow.txt",)
-    assert display["SetThreshold"] == (0, logic.LOW_CONFIDENCE_PERCENT - 1) and "ApplyThresholdOn" in display
+    assert display["SetThreshold"] == (0, logic.LOW_CONFIDENCE_PERCENT - 1) and display["SetApplyThreshold"] == (1,)
     logic.showConfidence(task.confidenceVolume, False)
     assert standin.layers[-1]["foreground"] is None
     # An edit of the edema: its row (and WT's) lose the model's range, the others keep theirs.
