@@ -134,7 +134,7 @@ class FastKANConv2d(nn.Module):
             return self._expand_channels_last(x, spline_input)
         return torch.cat([F.silu(x), self.basis(spline_input)], dim=1)
 
-    def _expand_channels_last(self, x: torch.Tensor, spline_input: torch.Tensor) -> torch.Tensor:
+    def _expand_channels_last(self, x: torch.Tensor, spline_input: torch.Tensor | None = None) -> torch.Tensor:
         """The same channels, written once into a channels-last buffer (inference only).
 
         Convolutions on the CPU (oneDNN) and on the GPU (cuDNN tensor cores) want
@@ -150,7 +150,8 @@ class FastKANConv2d(nn.Module):
         spline = out[..., 1:, :]
         scale = self.basis.inv_width
         centres = (self.basis.centres.to(x.dtype) * scale).view(grids, 1)
-        torch.sub((spline_input.permute(0, 2, 3, 1) * scale).unsqueeze(-2), centres, out=spline)
+        spline_pixels = pixels if spline_input is None else spline_input.permute(0, 2, 3, 1)
+        torch.sub((spline_pixels * scale).unsqueeze(-2), centres, out=spline)
         # exp(-d * d): addcmul squares and negates in one pass.
         torch.addcmul(torch.zeros((), dtype=x.dtype, device=x.device), spline, spline, value=-1, out=spline)
         spline.exp_()

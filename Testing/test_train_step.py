@@ -53,3 +53,26 @@ def test_rotation_and_shift_move_image_and_labels_together():
     assert torch.equal(out_x, torch.where(out_y > 0, out_y / 4.0, -1.0)[:, None].expand(8, 4, 24, 24))
     assert not torch.equal(out_y, labels)
     assert (out_y == 0).sum() > (labels == 0).sum()  # shifts bring in background
+
+
+def test_affine_bias_and_noise_give_inputs_preprocessing_could_make():
+    """The levers for other centres: after a small rotation/zoom, a bias field and noise, the
+    background is still exactly -1, every channel of every slice still reaches 1 (inference
+    min-max scales each slice), the labels keep their values and move with the image."""
+    from Training.augment import TensorAugmenter
+    from Training.config import DEFAULTS
+
+    cfg = {**DEFAULTS["train"], "rot90_prob": 0.0, "shift_prob": 0.0, "affine_prob": 1.0, "bias_prob": 1.0,
+           "noise_prob": 1.0}
+    images = torch.full((4, 4, 48, 48), -1.0)
+    images[:, :, 12:36, 12:36] = torch.rand(4, 4, 24, 24, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    labels = torch.zeros(4, 48, 48, dtype=torch.long)
+    labels[:, 18:30, 18:30] = 2
+    labels[:, 22:26, 22:26] = 4
+    out_x, out_y = TensorAugmenter(cfg, seed=0)(images, labels)
+    assert set(out_y.unique().tolist()) <= {0, 2, 4} and (out_y == 4).any()
+    assert torch.allclose(out_x.amax(dim=(-2, -1)), torch.ones(4, 4))
+    assert out_x.min() >= -1.0
+    background = (out_x == -1.0).all(dim=1)
+    assert background[:, :4, :4].all() and not (out_y[background] > 0).any()  # no tumour in background
+    assert not torch.equal(out_y, labels)  # the geometry did change
