@@ -7,6 +7,12 @@ from pathlib import Path
 
 import yaml
 
+TERMS_OF_USE = (
+    "Weights trained on BraTS 2018-2021 data (CC BY / TCIA terms): for research, not for clinical diagnosis or "
+    "treatment decisions; a result must be checked by a qualified reader. Cite the BraTS papers (Menze 2015, Bakas "
+    "2017, Baid 2021) and the KANU-Net 2D study when using it.")
+"""Written into every exported card: BraTS data are released for research."""
+
 MAX_BYTES = 20 * 1024 * 1024
 """The shipped model must stay under 20 MB; float16 halves the file when float32 does not fit."""
 
@@ -53,6 +59,7 @@ def export_run(run_dir: Path, output: Path, name: str = "") -> dict:
             "validation_patients": sorted({k[1] for k in split.get("val", [])}),
         },
         "training_config": config,
+        "terms_of_use": TERMS_OF_USE,
         "metrics": {"best_epoch": results.get("best_epoch"), "epochs_run": results.get("epochs_run"),
                     "epochs_planned": results.get("epochs_planned"), "parameters": results.get("parameters"),
                     # The test figures come from the float32 checkpoint on the training device (bf16
