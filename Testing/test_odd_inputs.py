@@ -82,6 +82,26 @@ def in_plane(spacing_mm: float) -> Variant:
     return resample
 
 
+def ringing(images: dict[str, sitk.Image]) -> dict[str, sitk.Image]:
+    """What spline resampling (BraTS Toolkit, ANTs, FSL) leaves: small negative values in a rim
+    of 3 voxels around the brain, on every second slice, in every modality."""
+    brain = sitk.Image(images["t1ce"].GetSize(), sitk.sitkUInt8)
+    brain.CopyInformation(images["t1ce"])
+    for image in images.values():
+        brain = brain | sitk.Cast(image > 0, sitk.sitkUInt8)
+    rim = sitk.GetArrayFromImage(sitk.BinaryDilate(brain, [3, 3, 0]) - brain).astype(bool)
+    rim[1::2] = False
+    rng = np.random.default_rng(0)
+    out = {}
+    for m, image in images.items():
+        array = sitk.GetArrayFromImage(image).astype(np.float32)
+        array[rim] = -rng.uniform(0.5, 40.0, int(rim.sum()))
+        ringed = sitk.GetImageFromArray(array)
+        ringed.CopyInformation(image)
+        out[m] = ringed
+    return out
+
+
 def write_case(images: dict[str, sitk.Image], folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True)
     paths = {m: folder / f"odd_{m}.nii.gz" for m in MODALITIES}
@@ -157,3 +177,25 @@ def test_trained_model_finds_the_same_tumour(trained_comparison: Comparison, mak
     dice = wt_dice(trained_comparison.variant(make), trained_comparison.plain_array)
     print(f"WT Dice {make.__name__}: {dice:.4f}")
     assert dice >= threshold
+
+
+def test_negative_ringing_around_the_brain_changes_nothing(small_case: Path, mixed_model: Path, tmp_path: Path):
+    """Issue 14: a registration pipeline's undershoot below the zero background must give the
+    labels, volumes and overview picture of the same input clipped at 0 (which the original is),
+    and no input warning of its own. With random weights any change of the network's input
+    would change its labels, so identity is the test."""
+    import json
+
+    images = {m: sitk.ReadImage(str(small_case / f"crop_{m}.nii.gz")) for m in MODALITIES}
+    ringed = ringing(images)
+    assert sum(int((sitk.GetArrayViewFromImage(i) < 0).sum()) for i in ringed.values()) > 1000
+    results = {}
+    for name, case in (("plain", images), ("ringing", ringed)):
+        paths = write_case(case, tmp_path / name / "case")
+        results[name] = segment_case(paths, tmp_path / name / "out", "odd", mixed_model, device="cpu", batch_size=8)
+    labels = {n: sitk.GetArrayFromImage(sitk.ReadImage(str(r.files["labelmap"]))) for n, r in results.items()}
+    assert len(np.unique(labels["plain"])) >= 3
+    np.testing.assert_array_equal(labels["ringing"], labels["plain"])
+    assert results["ringing"].files["overview"].read_bytes() == results["plain"].files["overview"].read_bytes()
+    warnings = {n: json.loads(r.files["volumes_json"].read_text()).get("warnings", []) for n, r in results.items()}
+    assert warnings["ringing"] == warnings["plain"]
