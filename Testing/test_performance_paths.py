@@ -103,7 +103,7 @@ def volume_001(brats_case_001: Path) -> np.ndarray:
 
 def test_load_case_keeps_axial_slices_contiguous(volume_001: np.ndarray, brats_case_001: Path) -> None:
     """load_case's (4, X, Y, Z) volume is a view of (4, Z, Y, X) memory (one copy of the files,
-    each axial slice four contiguous planes: docs/PERFORMANCE.md, session 3), and holds each
+    each axial slice four contiguous planes: docs/PERFORMANCE.md), and holds each
     modality exactly as ITK reads it."""
     import SimpleITK as sitk
 

@@ -1,4 +1,4 @@
-"""``python -m Training report`` on the committed round-4 run files (no data needed).
+"""``python -m Training report`` on committed run files (Training/experiments/h200_round4/ship4; no data needed).
 
 A report over other runs must not replace the committed figures: figures are written only into
 the folder ``--figures`` names.
