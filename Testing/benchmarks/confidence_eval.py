@@ -68,9 +68,6 @@ calibration fitted here is then optimistic: the test patients' reliability diagr
 NEAR_MM = 10.0
 BANDS = (0.1, 0.2, 0.3, 0.4, 0.45, 0.49)
 REGION_ORDER = ("NCR", "ED", "ET", "WT", "TC")
-SHIPPED_RAW = (f"label probability, {conf.DEFAULT_PASSES} passes, labels "
-               f"{'averaged' if conf.LABELS_FROM_PASSES and conf.DEFAULT_PASSES > 1 else 'one pass'}")
-"""The shipped estimator before calibration and rounding."""
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -95,7 +92,7 @@ class PassesPredictor(conf.ConfidencePredictor):
 
 
 def run_passes(folder: Path, model_path: Path, device: str, batch_size: int):
-    """(passes (T, Z, 3, X, Y) region probabilities, expert labels (Z, X, Y), voxel mL, spacing, head)."""
+    """(passes (T, Z, 3, X, Y) region probabilities, expert labels (Z, X, Y), voxel mL, spacing, model card, precision)."""
     import SimpleITK as sitk
 
     from KANTumorSegLib.inference import choose_device, choose_precision, segment_volume
@@ -116,7 +113,7 @@ def run_passes(folder: Path, model_path: Path, device: str, batch_size: int):
     if is_2023:
         truth[truth == 3] = 4
     spacing = tuple(float(s) for s in grid.grid.GetSpacing())
-    return passes, truth, float(np.prod(spacing)) / 1000.0, spacing, card["model"]["head"], predictor.precision
+    return passes, truth, float(np.prod(spacing)) / 1000.0, spacing, card, predictor.precision
 
 
 def margin(regions: np.ndarray) -> np.ndarray:
@@ -132,13 +129,21 @@ def evaluate_case(name: str, folder: Path, args) -> tuple[dict, dict]:
     from Training.metrics import case_metrics
 
     start = time.perf_counter()
-    passes_np, truth, voxel_ml, spacing, head, precision = run_passes(folder, args.model, args.device, args.batch_size)
+    from KANTumorSegLib.postprocess import PostprocessConfig, postprocess
+
+    passes_np, truth, voxel_ml, spacing, card, precision = run_passes(folder, args.model, args.device, args.batch_size)
+    head = card["model"]["head"]
     if head != "regions":
         raise SystemExit("confidence_eval.py evaluates the region head (the shipped model's); this model has the classes head.")
     seconds = time.perf_counter() - start
     passes = torch.from_numpy(passes_np)
     labels = {n: conf.decode(passes[:n].mean(dim=0), head) for n in conf.PASSES}
-    written = labels[conf.DEFAULT_PASSES] if conf.LABELS_FROM_PASSES else labels[1]
+    predicted = labels[conf.DEFAULT_PASSES] if conf.LABELS_FROM_PASSES else labels[1]
+    # What the command writes: the card's post-processing after the model (pipeline.segment_case),
+    # and where it changed a label, the complement of the model's confidence (write_confidence_outputs).
+    post = PostprocessConfig.from_dict(card.get("postprocessing"))
+    written = torch.from_numpy(postprocess(predicted.numpy(), voxel_ml, post))
+    changed = written != predicted
     zyx_spacing = (spacing[2], spacing[0], spacing[1])
     near = distance_transform_edt(~((written.numpy() > 0) | (truth > 0)), sampling=zyx_spacing) <= NEAR_MM
     truth_t = torch.from_numpy(truth)
@@ -157,7 +162,10 @@ def evaluate_case(name: str, folder: Path, args) -> tuple[dict, dict]:
         lab = labels[n]
         stated[key] = margin(passes[:n].mean(dim=0).numpy())[near]
         wrong[key] = (lab != truth_t).numpy()[near]
-    shipped = SHIPPED_RAW
+    shipped = "shipped, before calibration and rounding (written labels)"
+    raw = conf.label_probability(passes[:conf.DEFAULT_PASSES], predicted.unsqueeze(0), head).mean(dim=0)
+    stated[shipped] = torch.where(changed, 1 - raw, raw).numpy()[near]
+    wrong[shipped] = (written != truth_t).numpy()[near]
     baseline = "margin, 1 passes averaged"
 
     result: dict = {
@@ -169,7 +177,11 @@ def evaluate_case(name: str, folder: Path, args) -> tuple[dict, dict]:
         "ranges": {},
         "seconds_8_passes": round(seconds, 1),
         "precision": precision,
+        "postprocessing": post.to_dict(),
+        "voxels_changed_by_postprocessing": int(changed.sum()),
     }
+    m = case_metrics(written.numpy(), truth)
+    result["dice_3d"]["written (one pass, post-processed)"] = {r: round(m[f"dice_{r}"], 4) for r in ("WT", "TC", "ET")}
     for n in conf.PASSES:
         m = case_metrics(labels[n].numpy(), truth)
         result["dice_3d"][f"{n} passes"] = {r: round(m[f"dice_{r}"], 4) for r in ("WT", "TC", "ET")}
@@ -195,7 +207,7 @@ def cached_case(name: str, folder: Path, args, sha256: str) -> tuple[dict, dict]
     analysis can be rerun without the model's passes (minutes per case on a CPU)."""
     if args.cache is None:
         return evaluate_case(name, folder, args)
-    path = args.cache / f"{sha256[:16]}_{name}_{args.device}.npz"
+    path = args.cache / f"{sha256[:16]}_{name}_{args.device}_v2.npz"
     if path.exists():
         with np.load(path) as data:
             return json.loads(str(data["result"])), {k: data[k] for k in ("raw", "wrong", "baseline", "baseline_wrong")}
@@ -387,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 if calibration is not None:
                     cases[name]["auroc"][label] = auroc(-as_written(a["raw"], calibration), a["wrong"])
             print(f"  {name}: AUROC as written {cases[name]['auroc']['as written']:.3f}, "
-                  f"raw {cases[name]['auroc'][SHIPPED_RAW]:.3f}, baseline {cases[name]['auroc']['margin, 1 passes averaged']:.3f}",
+                  f"baseline {cases[name]['auroc']['margin, 1 passes averaged']:.3f}",
                   file=sys.stderr, flush=True)
         report[set_name] = {"cases": cases, "summary": summarise(cases)}
         if set_name == "test":
