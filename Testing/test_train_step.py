@@ -24,8 +24,8 @@ def test_step_lowers_the_loss_on_cpu():
 
 
 def test_flip_and_contrast_augmentation_keep_labels_aligned_and_background():
-    from Training.config import DEFAULTS
     from Training.augment import TensorAugmenter
+    from Training.config import DEFAULTS
 
     cfg = {**DEFAULTS["train"], "rot90_prob": 0.0, "shift_prob": 0.0, "flip_prob": 1.0, "gamma_prob": 1.0}
     generator = torch.Generator().manual_seed(1)
@@ -42,8 +42,8 @@ def test_flip_and_contrast_augmentation_keep_labels_aligned_and_background():
 def test_rotation_and_shift_move_image_and_labels_together():
     """The study's augmentation (on in every recorded run): the image is built from its labels
     (-1 background, the label / 4 elsewhere), so after any rotation and shift it must still be."""
-    from Training.config import DEFAULTS
     from Training.augment import TensorAugmenter
+    from Training.config import DEFAULTS
 
     cfg = {**DEFAULTS["train"], "rot90_prob": 1.0, "shift_prob": 1.0, "shift_pixels": 6}
     generator = torch.Generator().manual_seed(2)
