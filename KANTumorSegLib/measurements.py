@@ -36,6 +36,17 @@ def tumour_volumes(labels: np.ndarray, spacing_mm: tuple[float, float, float]) -
     }
 
 
+def whole_tumour_components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(component index per voxel, 0 outside the tumour; voxel count per index) of the whole
+    tumour's 26-connected parts, numbered largest first (index 1 is the largest part)."""
+    import SimpleITK as sitk
+
+    mask = sitk.GetImageFromArray(region_mask(labels, "WT").astype(np.uint8))
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(mask, True), sortByObjectSize=True)
+    index = sitk.GetArrayFromImage(components)
+    return index, np.bincount(index.ravel())
+
+
 def whole_tumour_parts(labels: np.ndarray, voxel_ml: float) -> dict:
     """The whole tumour's separate parts (26-connected), largest first.
 
@@ -43,12 +54,8 @@ def whole_tumour_parts(labels: np.ndarray, voxel_ml: float) -> dict:
     look first: false positives (the shipped model marks some on tumour-free slices of a
     BraTS 2021 case, docs/RESULTS.md) or satellite lesions. Nothing is removed: only counted.
     """
-    import SimpleITK as sitk
-
-    mask = region_mask(labels, "WT").astype(np.uint8)
-    components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask), True)
-    # A view, not a copy: ``components`` must outlive it (a view of a freed image crashes).
-    sizes = np.sort(np.bincount(sitk.GetArrayViewFromImage(components).ravel())[1:])[::-1]
+    _, sizes = whole_tumour_components(labels)
+    sizes = sizes[1:]
     return {
         "count": int(len(sizes)),
         "largest_ml": round(float(sizes[0]) * voxel_ml, 4) if len(sizes) else 0.0,

@@ -6,7 +6,8 @@ non-enhancing tumour "enhancing". Two rules, both with thresholds chosen on vali
 patients and stored in the model card, undo that:
 
 - whole-tumour parts smaller than ``min_component_ml`` are dropped (the largest part always
-  stays, so a small tumour is never erased);
+  stays, so a small tumour is never erased); parts are 26-connected, as the command's summary
+  counts them;
 - when the enhancing tumour totals less than ``et_min_ml``, it becomes necrotic/non-enhancing
   core (label 1): the core stays core, and a tumour without enhancement is not given any.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from .measurements import whole_tumour_components
 
 
 @dataclass(frozen=True)
@@ -39,17 +42,6 @@ class PostprocessConfig:
         if unknown:
             raise ValueError(f"unknown post-processing keys: {', '.join(sorted(unknown))}")
         return cls(**{key: float(value) for key, value in data.items()})
-
-
-def whole_tumour_components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(component index per voxel, 0 outside the tumour; voxel count per index, largest first
-    at index 1) of the whole tumour, face-connected (SimpleITK's default connectivity)."""
-    import SimpleITK as sitk
-
-    mask = sitk.GetImageFromArray((labels > 0).astype(np.uint8))
-    components = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
-    index = sitk.GetArrayFromImage(components)
-    return index, np.bincount(index.ravel())
 
 
 def postprocess(labels: np.ndarray, voxel_ml: float, config: PostprocessConfig) -> np.ndarray:

@@ -83,3 +83,15 @@ def test_the_command_applies_the_cards_post_processing(mixed_model: Path, small_
     voxel_ml = float(np.prod(image.header.get_zooms()[:3])) / 1000.0
     assert not np.array_equal(written["raw"], written["post"])  # the rules had work to do
     assert np.array_equal(written["post"], postprocess(written["raw"], voxel_ml, post))
+
+
+def test_parts_are_the_ones_the_summary_counts():
+    """A part touching the tumour only at a corner is part of it for the post-processing as for
+    the command's summary (``measurements.whole_tumour_parts``, 26-connected): nothing dropped."""
+    from KANTumorSegLib.measurements import whole_tumour_parts
+
+    labels = np.zeros((20, 20, 20), dtype=np.uint8)
+    labels[2:8, 2:8, 2:8] = 2
+    labels[8, 8, 8] = 2  # touches the cube only at its corner voxel (7, 7, 7)
+    assert whole_tumour_parts(labels, VOXEL_ML)["count"] == 1
+    assert np.array_equal(postprocess(labels, VOXEL_ML, PostprocessConfig(min_component_ml=0.05)), labels)
