@@ -125,18 +125,24 @@ class TensorAugmenter:
         import torch
 
         batch, channels, height, width = images.shape
+        device = images.device
         u = (images + 1) / 2
         brain = (u > 0).any(dim=1, keepdim=True)
-        ys = torch.linspace(-1, 1, height).view(height, 1).expand(height, width)
-        xs = torch.linspace(-1, 1, width).view(1, width).expand(height, width)
-        basis = torch.stack([xs, ys, xs * ys, xs * xs, ys * ys])
-        on = self._per_slice(self.cfg["bias_prob"], batch).view(batch, 1, 1)
-        coeff = (torch.rand(batch, channels, 5, generator=self.generator) * 2 - 1) * self.cfg["bias_strength"] * on
-        field = torch.exp(torch.einsum("bck,khw->bchw", coeff, basis)).to(u.device, u.dtype)
-        sigma = torch.rand(batch, 1, 1, 1, generator=self.generator) * self.cfg["noise_std"]
-        sigma = sigma * self._per_slice(self.cfg["noise_prob"], batch).view(batch, 1, 1, 1)
-        noise = torch.randn(u.shape, generator=self.generator) * sigma
-        u = u * field + noise.to(u.device, u.dtype)
+        # Only the per-slice draws come from the CPU generator (they fix the run's randomness);
+        # the full-size field and noise are made on the device, not copied there every step.
+        if self.cfg["bias_prob"]:
+            ys = torch.linspace(-1, 1, height, device=device).view(height, 1).expand(height, width)
+            xs = torch.linspace(-1, 1, width, device=device).view(1, width).expand(height, width)
+            basis = torch.stack([xs, ys, xs * ys, xs * xs, ys * ys])
+            on = self._per_slice(self.cfg["bias_prob"], batch).view(batch, 1, 1)
+            coeff = (torch.rand(batch, channels, 5, generator=self.generator) * 2 - 1) * self.cfg["bias_strength"] * on
+            u = u * torch.exp(torch.einsum("bck,khw->bchw", coeff.to(device), basis)).to(u.dtype)
+        if self.cfg["noise_prob"]:
+            sigma = torch.rand(batch, 1, 1, 1, generator=self.generator) * self.cfg["noise_std"]
+            sigma = sigma * self._per_slice(self.cfg["noise_prob"], batch).view(batch, 1, 1, 1)
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            noise = torch.randn(u.shape, generator=torch.Generator(device).manual_seed(seed), device=device, dtype=u.dtype)
+            u = u + noise * sigma.to(device, u.dtype)
         u = torch.where(brain, u.clamp(min=0), torch.zeros_like(u))
         u = u / u.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-6)
         return 2 * u - 1

@@ -8,6 +8,7 @@ A run directory holds config.yaml, split.json, log.csv (one row per epoch), last
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -140,9 +141,8 @@ def evaluate_test_cases(model, config: dict, device) -> dict:
     for case in config["data"]["test_cases"]:
         cached = load_case(root, cache, case, pre)
         truth = case_volume(cached)
-        predicted = cached.subset(np.arange(len(cached)))
-        predicted.labels = predict_labels(model, cached.inputs, device, config["train"]["eval_batch"], config["train"]["amp"])
-        raw = case_volume(predicted)
+        predicted = predict_labels(model, cached.inputs, device, config["train"]["eval_batch"], config["train"]["amp"])
+        raw = case_volume(dataclasses.replace(cached, labels=predicted))  # no copy of the inputs
         pred = postprocess(raw, VOXEL_ML, post)
         brain = np.zeros(truth.shape[-1], dtype=bool)
         brain[cached.z.astype(int)] = True

@@ -1,4 +1,4 @@
-"""A model file on whole BraTS cases, through the library's own reading and inference, with
+"""A model file on whole BraTS cases through the library's inference, with
 post-processing thresholds swept on the same raw predictions.
 
     .venv/bin/python Training/scripts/evaluate_model.py MODEL.safetensors --cases val|test -o OUT.json
@@ -37,7 +37,10 @@ ET_LITERATURE_ML = 0.5
 
 
 def predict(model_path: Path, cases: list[str], root: Path, cache: Path | None) -> dict:
-    """case -> (raw model labels, expert labels, brain slices, voxel mL): the library's path.
+    """case -> (raw model labels, expert labels, brain slices, voxel mL). The volume is read by
+    Training's nibabel reader: on the shared BraTS files (LPS, 1 mm) that is the array the
+    command's SimpleITK path gives, and the per-case figures equal the command's
+    (Testing/test_shipped_model.py scores the command itself).
     With ``cache``, raw labels are kept there per model checksum and case, so a second sweep
     or report of the same model skips the network."""
     from KANTumorSegLib.inference import SlicePredictor, choose_device, choose_precision, segment_volume
