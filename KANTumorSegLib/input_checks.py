@@ -72,17 +72,20 @@ def _centroid_mm(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     return np.array(np.nonzero(mask), dtype=float).mean(axis=1) * spacing
 
 
-def _edge_shift(moving: np.ndarray, reference: np.ndarray, interior: np.ndarray) -> np.ndarray:
-    """Per axis, the shift (voxels) of ``moving``'s gradient magnitude that best correlates with
-    ``reference``'s inside ``interior``: the brain's edges inside the outline (ventricles,
-    tumour, sulci), which a shared skull-stripping mask cannot line up."""
-    def edges(v: np.ndarray) -> np.ndarray:
-        g = np.sqrt(sum(d * d for d in np.gradient(v.astype(np.float32))))
-        return g / (float(g[interior].std()) or 1.0)
+def _edges(v: np.ndarray, interior: np.ndarray) -> np.ndarray:
+    """Gradient magnitude of a volume, scaled by its spread inside ``interior``."""
+    g = np.sqrt(sum(d * d for d in np.gradient(v.astype(np.float32))))
+    return g / (float(g[interior].std()) or 1.0)
 
-    ref = edges(reference)[interior]
+
+def _edge_shift(moving: np.ndarray, reference_edges: np.ndarray, interior: np.ndarray) -> np.ndarray:
+    """Per axis, the shift (voxels) of ``moving``'s gradient magnitude that best correlates with
+    the reference's (``_edges`` of the T1ce, computed once per case) inside ``interior``: the
+    brain's edges inside the outline (ventricles, tumour, sulci), which a shared
+    skull-stripping mask cannot line up."""
+    ref = reference_edges[interior]
     ref = ref - ref.mean()
-    mov = edges(moving)
+    mov = _edges(moving, interior)
     best = np.zeros(3)
     for axis in range(3):
         scores = []
@@ -128,6 +131,7 @@ def check_inputs(volume: np.ndarray, spacing: tuple[float, float, float]) -> lis
     interior[:margin] = interior[-margin:] = False
     interior[:, :margin] = interior[:, -margin:] = False
     interior[:, :, :margin] = interior[:, :, -margin:] = False
+    reference_edges: np.ndarray | None = None
     partial: set[str] = set()
     for m in MODALITIES:
         if m == "t1ce":
@@ -148,8 +152,9 @@ def check_inputs(volume: np.ndarray, spacing: tuple[float, float, float]) -> lis
         misaligned = dice < MIN_OUTLINE_DICE or shift_mm > MAX_CENTROID_SHIFT_MM
         if not misaligned and interior.sum() > 1000:
             # The outline lines up (BraTS-style data share one skull-stripping mask), so look inside it.
-            edge_mm = float(np.linalg.norm(_edge_shift(sub[MODALITIES.index(m)], sub[MODALITIES.index("t1ce")], interior)
-                                           * sub_spacing))
+            if reference_edges is None:
+                reference_edges = _edges(sub[MODALITIES.index("t1ce")], interior)
+            edge_mm = float(np.linalg.norm(_edge_shift(sub[MODALITIES.index(m)], reference_edges, interior) * sub_spacing))
             misaligned = edge_mm >= MIN_EDGE_SHIFT_MM
             shift_mm = max(shift_mm, edge_mm)
         if misaligned:
