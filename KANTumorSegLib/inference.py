@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import KANTumorSegError, is_out_of_memory
-from .preprocessing import CropBox, PreprocessingConfig, paste, preprocess_slice
+from .preprocessing import CropBox, PreprocessingConfig, intensity_ranges, paste, preprocess_slice
 from .progress import no_progress
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -179,7 +179,8 @@ def segment_volume(volume: np.ndarray, predictor: SlicePredictor, config: Prepro
                    maps: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """(4, X, Y, Z) model-grid volume -> (X, Y, Z) internal labelmap (0/1/2/4).
 
-    Slices without brain are skipped and stay 0; predictions are pasted back into their
+    Slices without brain are skipped and stay 0; with "volume" scaling every slice is scaled by
+    the whole volume's intensity ranges. Predictions are pasted back into their
     crop windows, zero outside. The windows of all brain slices are held (0.8 MB each,
     about 100 MB for a BraTS case) and stacked for the model one batch at a time.
 
@@ -192,8 +193,10 @@ def segment_volume(volume: np.ndarray, predictor: SlicePredictor, config: Prepro
     depth = volume.shape[3]
     inputs: list[np.ndarray] = []
     boxes: list[tuple[int, CropBox]] = []
+    # "volume" scaling: one range per modality for the whole case (None: each slice its own).
+    ranges = intensity_ranges(volume, config) if config.intensity_range == "volume" else None
     for z, slice_ in enumerate(_axial_slices(volume)):
-        prepared = preprocess_slice(slice_, config)
+        prepared = preprocess_slice(slice_, config, ranges)
         if prepared is not None:
             inputs.append(prepared[0])
             boxes.append((z, prepared[1]))

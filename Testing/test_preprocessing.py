@@ -1,4 +1,4 @@
-"""Per-slice preprocessing invariants on real BraTS slices."""
+"""Preprocessing invariants on real BraTS slices and volumes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from KANTumorSegLib.preprocessing import (
     CropBox,
     PreprocessingConfig,
     brain_crop_box,
+    brain_mask,
     crop,
+    intensity_ranges,
     paste,
     preprocess_slice,
     scale_intensities,
@@ -131,3 +133,77 @@ def test_crop_box_is_centred_on_the_brain(raw_001):
 def test_slice_without_brain_returns_none(raw_001):
     assert not raw_001[..., 0].any()
     assert preprocess_slice(raw_001[..., 0], CONFIG) is None
+
+
+VOLUME = PreprocessingConfig(intensity_range="volume")
+
+
+def test_volume_ranges_are_the_minimum_and_the_percentile_of_the_brain_voxels(raw_001):
+    ranges = intensity_ranges(raw_001, VOLUME)
+    brain = (raw_001 > raw_001.reshape(4, -1).min(axis=1).reshape(4, 1, 1, 1)).any(axis=0)
+    for c in range(4):
+        assert ranges[c, 0] == raw_001[c].min()
+        assert ranges[c, 1] == pytest.approx(np.percentile(raw_001[c][brain], 99.5), rel=1e-6)
+    np.testing.assert_array_equal(intensity_ranges(raw_001[..., 80], CONFIG)[:, 1], raw_001[..., 80].reshape(4, -1).max(axis=1))
+
+
+def test_volume_scaling_gives_a_voxel_the_same_input_whatever_its_slice_holds(raw_001):
+    """The study's slice scaling stretches a slice with little brain over the whole range (the
+    false tumour over the cerebellum); with the volume's ranges a voxel's input is the formula of
+    its value alone, clipped at the percentile, on every slice."""
+    ranges = intensity_ranges(raw_001, VOLUME)
+    areas = [brain_mask(raw_001[..., z]).sum() for z in range(raw_001.shape[-1])]
+    small = next(z for z in range(raw_001.shape[-1]) if 0 < areas[z] < 0.3 * max(areas))
+    for z in (small, 80):
+        model_input, box = preprocess_slice(raw_001[..., z], VOLUME, ranges)
+        expected = crop(scale_intensities(raw_001[..., z], VOLUME, ranges), box, fill=-1.0)
+        np.testing.assert_array_equal(model_input, expected)
+        for c, gamma in enumerate(VOLUME.gamma):
+            u = np.clip((raw_001[c, ..., z] - ranges[c, 0]) / (ranges[c, 1] - ranges[c, 0]), 0, 1)
+            np.testing.assert_allclose(scale_intensities(raw_001[..., z], VOLUME, ranges)[c], 2 * u**gamma - 1, atol=1e-5)
+    # The small slice under its own min-max reaches 1 in every modality; under the volume's
+    # ranges it stays darker in T1ce and FLAIR than the tumour slices do.
+    own = preprocess_slice(raw_001[..., small], CONFIG)[0]
+    shared = preprocess_slice(raw_001[..., small], VOLUME, ranges)[0]
+    assert own.max(axis=(1, 2)).min() == pytest.approx(1.0)
+    assert shared[1].mean() < own[1].mean() and shared[3].mean() < own[3].mean()
+
+
+def test_volume_scaling_ignores_positive_affine_intensity_change(raw_001):
+    scale = np.array([0.01, 3.0, 250.0, 0.5], dtype=np.float64).reshape(4, 1, 1, 1)
+    changed = (raw_001.astype(np.float64) * scale + 5.0).astype(np.float32)
+    for z in (30, 80):
+        original = preprocess_slice(raw_001[..., z], VOLUME, intensity_ranges(raw_001, VOLUME))[0]
+        moved = preprocess_slice(changed[..., z], VOLUME, intensity_ranges(changed, VOLUME))[0]
+        np.testing.assert_allclose(moved, original, atol=3e-5)
+
+
+def test_cards_without_the_scaling_keys_read_as_the_study_and_bad_values_are_refused():
+    old_card = {"gamma": [1.0, 1.5, 1.5, 1.2], "crop_size": 224, "channels": list(MODALITIES)}
+    assert PreprocessingConfig.from_dict(old_card) == PreprocessingConfig()
+    assert PreprocessingConfig.from_dict(VOLUME.to_dict()) == VOLUME
+    with pytest.raises(ValueError, match="intensity_range 'global'"):
+        PreprocessingConfig.from_dict({**old_card, "intensity_range": "global"})
+    with pytest.raises(ValueError, match="upper_percentile 30"):
+        PreprocessingConfig.from_dict({**old_card, "intensity_range": "volume", "upper_percentile": 30})
+
+
+def test_segment_volume_scales_every_slice_by_the_volume_ranges_when_the_card_says_so(raw_001, tiny_model):
+    """The library's inference with a "volume" card: the labels are those of the network on
+    slices scaled by the whole volume's ranges, not by their own."""
+    import torch
+
+    from KANTumorSegLib.inference import SlicePredictor, segment_volume
+    from KANTumorSegLib.weights import load_model
+
+    model, _, _ = load_model(tiny_model)
+    volume = np.ascontiguousarray(raw_001[..., 60:68])
+    predictor = SlicePredictor(model, torch.device("cpu"), 8, "float32")
+    labels = segment_volume(volume, predictor, VOLUME)
+    ranges = intensity_ranges(volume, VOLUME)
+    prepared = [preprocess_slice(volume[..., z], VOLUME, ranges) for z in range(volume.shape[-1])]
+    expected = predictor.predict(np.stack([p[0] for p in prepared]))
+    for z, (_, box) in enumerate(prepared):
+        np.testing.assert_array_equal(labels[..., z], paste(expected[z], box, volume.shape[1:3]))
+    own = np.stack([preprocess_slice(volume[..., z], CONFIG)[0] for z in range(volume.shape[-1])])
+    assert np.abs(own - np.stack([p[0] for p in prepared])).max() > 0.1, "the two scalings gave the same input"
