@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from monai.losses import DiceLoss
 
@@ -76,3 +77,39 @@ def test_affine_bias_and_noise_give_inputs_preprocessing_could_make():
     background = (out_x == -1.0).all(dim=1)
     assert background[:, :4, :4].all() and not (out_y[background] > 0).any()  # no tumour in background
     assert not torch.equal(out_y, labels)  # the geometry did change
+
+
+def test_the_epochs_are_fitted_to_the_budget_and_the_cosine_cycle_ends_there():
+    """train.budget_s: after the second epoch the run plans what fits at that speed, and the one
+    cosine cycle reaches eta_min on its last planned epoch instead of being cut at a high rate."""
+    import time
+
+    import torch
+
+    from Training.train import fit_epochs_to_budget
+
+    cfg = {"epochs": 400, "t0_epochs": 400, "budget_s": 100.0}
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=400, eta_min=1e-6)
+    scheduler.step()
+    scheduler.step()
+
+    class Bar:
+        total = 400
+
+    # Two epochs took 19.5 s of the 100, the last 10 s: eight more fit, ten in all.
+    fit_epochs_to_budget(cfg, scheduler, 1, 10.0, time.perf_counter() - 19.5, Bar)
+    assert cfg["epochs"] == cfg["t0_epochs"] == Bar.total == 10
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    assert rates == sorted(rates, reverse=True) and rates[-1] < 1e-4
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # epoch 10 would start a new cycle
+    # Never more than configured, and a schedule of several cycles is left alone.
+    cfg = {"epochs": 5, "t0_epochs": 5, "budget_s": 1000.0}
+    fit_epochs_to_budget(cfg, scheduler, 1, 1.0, time.perf_counter(), Bar)
+    assert cfg["epochs"] == 5
+    cfg = {"epochs": 100, "t0_epochs": 10, "budget_s": 10.0}
+    fit_epochs_to_budget(cfg, scheduler, 1, 5.0, time.perf_counter(), Bar)
+    assert cfg["epochs"] == 100

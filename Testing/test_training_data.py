@@ -184,3 +184,41 @@ def test_cached_case_matches_the_library_within_the_quantisation_step(brats_samp
     assert (loaded.inputs[built.inputs == -1] == -1).all()
     _, seg = read_nifti_case(brats_samples / CASE_FOLDERS[case])
     assert np.array_equal(case_volume(loaded), seg)
+
+
+def test_a_3d_case_and_its_own_hdf5_slices_fall_on_one_side(brats_samples: Path, slice_cache: Path):
+    """BraTS2021_01477 is HDF5 patient BraTS20_Training_272 (shared README): validating on the
+    volume takes its HDF5 slice out of training; training on it keeps that slice out of the
+    drawn HDF5 validation patients, whatever the seed; use_hdf5 false trains on the 3D cases alone."""
+    from Training.config import DEFAULTS, merge
+    from Training.train import load_datasets
+
+    data = {"root": str(brats_samples), "cache": str(slice_cache), "pool": "all", "n_val": 0,
+            "train_cases": ["BraTS2021_01477", "Brats18_2013_2_1"], "val_cases": ["BraTS2021_01477"]}
+    train, val, _ = load_datasets(merge(DEFAULTS, {"data": data}), None)
+    assert {"BraTS2021_01477", "BraTS20_Training_272"} <= set(val.patients)
+    assert not {"BraTS2021_01477", "BraTS20_Training_272"} & set(train.patients)
+    for seed in range(6):
+        _, val, _ = load_datasets(merge(DEFAULTS, {"data": {**data, "val_cases": [], "n_val": 60, "split_seed": seed}}), None)
+        assert "BraTS20_Training_272" not in set(val.patients)
+    train, _, split = load_datasets(merge(DEFAULTS, {"data": {**data, "use_hdf5": False}}), None)
+    assert set(train.sources) == {"nifti"} and set(train.patients) == {"Brats18_2013_2_1"}
+    assert split["n_train_patients"] == 1
+    with pytest.raises(ValueError, match="not in data.train_cases"):
+        load_datasets(merge(DEFAULTS, {"data": {**data, "val_cases": ["BraTS2021_00005"]}}), None)
+
+
+@pytest.mark.parametrize("intensity_range", ["slice", "volume"])
+def test_cached_case_is_the_library_input_of_its_scaling(brats_samples: Path, intensity_range: str):
+    """What a 3D case trains on is what ``segment_volume`` feeds the network for that card: with
+    "volume" scaling, every slice scaled by the whole case's ranges."""
+    from KANTumorSegLib.preprocessing import intensity_ranges, preprocess_slice
+
+    config = PreprocessingConfig(intensity_range=intensity_range)
+    case = "BraTS2021_01477"
+    built = build_case_set(brats_samples / CASE_FOLDERS[case], case, config)
+    volume, _ = read_nifti_case(brats_samples / CASE_FOLDERS[case])
+    ranges = intensity_ranges(volume, config) if intensity_range == "volume" else None
+    for i in (0, len(built) // 2, len(built) - 1):
+        expected = preprocess_slice(volume[..., int(built.z[i])], config, ranges)[0]
+        np.testing.assert_allclose(built.inputs[i].astype(np.float32), expected, atol=2 ** -10)

@@ -80,3 +80,28 @@ def test_test_case_scores_on_a_real_case(brats_samples):
     figures, _, _ = score_test_case(pred, truth, brain_slices(volume), voxel_ml(folder))
     assert figures["false_positive_ml_tumour_free_slices"] == pytest.approx(voxel_ml(folder)) == pytest.approx(0.001)
     assert figures["tumour_slices"]["dice_mean"] == 1.0 and figures["volume_3d"]["dice_mean"] < 1.0
+
+
+def test_validation_picks_by_each_3d_patients_own_dice(brats_samples):
+    """The per-patient 3D figure the shipped recipe selects by: stacked brain slices score as
+    the pasted 240 x 240 x 155 volume does, one figure per 3D validation patient."""
+    from KANTumorSegLib.preprocessing import PreprocessingConfig
+    from Training.data import CASE_FOLDERS, SliceSet, build_case_set, case_volume
+    from Training.metrics import case_metrics
+    from Training.train import validation_metrics
+
+    cases = [build_case_set(brats_samples / CASE_FOLDERS[c], c, PreprocessingConfig())
+             for c in ("BraTS2021_01477", "BraTS2021_01481")]
+    both = SliceSet.concat(cases)
+    preds = both.labels.copy()
+    edema_case = both.patients == "BraTS2021_01481"
+    preds[edema_case] = np.where(preds[edema_case] == 2, 1, preds[edema_case])  # its edema called core
+    figures = validation_metrics(preds, both)
+    expected = []
+    for case in cases:
+        mine = both.patients == case.patients[0]
+        pasted = case_volume(SliceSet(case.inputs, preds[mine], case.patients, case.sources, case.z, case.corners))
+        expected.append(case_metrics(pasted, case_volume(case))["dice_mean"])
+    assert expected[0] == 1.0 and expected[1] < 0.9
+    assert figures["case3d_dice_mean"] == pytest.approx(np.mean(expected))
+    assert figures["case3d_worst"] == pytest.approx(expected[1])

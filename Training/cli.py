@@ -72,12 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _train_parser(commands.add_parser("train", help="train one run"))
     _export_parser(commands.add_parser("export", help="export a run to safetensors + model card"))
-    cache = commands.add_parser("cache", help="build the 8-bit slice cache of every shared case and stage it for a GPU")
+    cache = commands.add_parser("cache", help="build the 8-bit slice cache of the training cases and stage it for a GPU")
     cache.add_argument("--root", type=Path, default=Path("../shared/data/brats_samples"), help="the shared BraTS samples")
     cache.add_argument("--cache", type=Path, default=Path(".cache/slices_q8"), help="cache folder (data.cache)")
     cache.add_argument("--stage", type=Path, default=None,
-                       help="also hard-link the training caches into STAGE/train and the test caches into STAGE/test "
+                       help="also hard-link the training caches into STAGE/part1, part2, ... "
                             "(each fits one device call: Training/scripts/device_run.sh)")
+    cache.add_argument("--ranges", default="slice", help="intensity ranges to cache, comma-separated: slice, volume")
     grid = commands.add_parser("grid", help="run the experiment grid as parallel processes")
     grid.add_argument("--config", type=Path, required=True, help="grid YAML (base config, seeds, cells)")
     grid.add_argument("--jobs", type=int, default=4, help="runs at a time")
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "cache":
         from .data import stage_cache
 
-        return _run(lambda: print(stage_cache(args.root, args.cache, args.stage)))
+        return _run(lambda: print(stage_cache(args.root, args.cache, args.stage, tuple(args.ranges.split(",")))))
     if args.command == "grid":
         from .grid import run_grid
 

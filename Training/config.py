@@ -34,11 +34,14 @@ DEFAULTS: dict = {
         # The seed of the patient split; null takes the run's seed, so a grid's seeds vary the
         # split and the initialisation together. Fixing it compares seeds on one validation set.
         "split_seed": None,
+        # pool all: train on the HDF5 slices too (their scaling can only be per slice).
+        "use_hdf5": True,
     },
     "model": {"arch": "kanunet", "base_width": 16, "conv": "kan", "basis": "gaussian", "num_grids": 4,
               "grid_min": -1.0, "grid_max": 1.0, "head": "classes", "grid_placement": "uniform",
               "relu_grid_max": 3.0, "basis_norm": "none"},
-    "preprocessing": {"gamma": [1.0, 1.5, 1.5, 1.2], "crop_size": 224},
+    "preprocessing": {"gamma": [1.0, 1.5, 1.5, 1.2], "crop_size": 224, "intensity_range": "slice",
+                      "upper_percentile": 99.5},
     # Applied to every test case and stored in the exported card (KANTumorSegLib.postprocess).
     "postprocessing": {"min_component_ml": 0.0, "et_min_ml": 0.0},
     "train": {
@@ -67,9 +70,18 @@ DEFAULTS: dict = {
         "noise_std": 0.03,
         "augment": "tensor",
         "deadline_unix": 0,
-        # Which epoch a run keeps: "best" validation mean Dice (the study) or the "last".
+        # Which epoch a run keeps: the "best" by validation (the study) or the "last"; "best" by
+        # the mean slice Dice (select_metric slice, the study) or by the mean per-patient 3D Dice
+        # of the 3D validation patients (case3d).
         "select": "best",
+        "select_metric": "slice",
+        # Seconds the run may train: after its second epoch, train.epochs (one cosine cycle) is cut
+        # to what fits at that speed. 0: the configured epochs.
+        "budget_s": 0,
         "amp": True,
+        # torch.compile the network for training on CUDA (fuses the basis expansion's elementwise
+        # work); validation and export use the plain module.
+        "compile": False,
         "device": "auto",
         "eval_batch": 25,
         "resume": True,

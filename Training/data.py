@@ -34,9 +34,20 @@ CASE_FOLDERS = {
     "BraTS2021_00000": "DevNazrin_brats-segmentation-study/example_case",
     "BraTS19_CBICA_ASK_1": f"{_INDIGO}/BraTS19_CBICA_ASK_1",
     **{f"BraTS2021_{n}": f"{_INDIGO}/BraTS2021_{n}" for n in ("00002", "00003", "00005", "00006", "00019", "00024")},
-    **{f"BraTS2021_{n}": f"{_PATLIAO}/BraTS2021_{n}" for n in ("01476", "01480", "01482", "01484", "01485")},
+    **{f"BraTS2021_{n}": f"{_PATLIAO}/BraTS2021_{n}"
+       for n in ("01476", "01477", "01478", "01480", "01481", "01482", "01484", "01485")},
+    "BraTS-GLI-00012-000": "tahirakram15_brats2023/BraTS-GLI-00012-000",
 }
-"""The 15 shared 3D cases by id (README of the shared folder, section A)."""
+"""The 19 shared 3D cases by id (README of the shared folder, section A)."""
+
+SAME_PATIENT = {"BraTS2021_01477": "BraTS20_Training_272", "BraTS2021_01478": "BraTS20_Training_273",
+                "BraTS2021_01481": "BraTS20_Training_276"}
+"""3D cases that are HDF5 patients too (shared README, section A): one split group each."""
+
+
+def patient_group(patient: str) -> str:
+    """The split group of a patient id: a 3D case and its own HDF5 slices share one."""
+    return SAME_PATIENT.get(patient, patient)
 
 TEST_CASES = ("BraTS20_Training_001", "BraTS2021_00000", "BraTS2021_01480", "BraTS2021_01476", "BraTS2021_00019",
               "BraTS2021_01485", "BraTS19_CBICA_ASK_1")
@@ -45,9 +56,12 @@ enhancing tumour (01480), a lower-grade-looking one with 0.2 mL of enhancing tum
 edema-dominated glioma (00019), one with a trace of enhancing tumour (01485) and a 2019 CBICA case."""
 
 TRAIN_CASES = ("Brats18_2013_2_1", "BraTS2021_00002", "BraTS2021_00003", "BraTS2021_00005", "BraTS2021_00006",
-               "BraTS2021_00024", "BraTS2021_01482", "BraTS2021_01484")
-"""Training material: every brain slice of each. 01484 (135 mL non-enhancing core, no enhancing
-tumour) teaches the tumour type the earlier model turned into edema; 01482 saturates at 32767."""
+               "BraTS2021_00024", "BraTS2021_01482", "BraTS2021_01484", "BraTS2021_01477", "BraTS2021_01478",
+               "BraTS2021_01481", "BraTS-GLI-00012-000")
+"""Training material: every brain slice of each (validation patients are drawn from these).
+01484 (135 mL non-enhancing core) and 01477 have no enhancing tumour, the tumour type the earlier
+model turned into edema; 01482 saturates at 32767; 01481 is mostly edema; BraTS-GLI-00012-000
+is mostly necrotic/non-enhancing core, in BraTS 2023 names."""
 
 
 def labels_from_onehot(mask: np.ndarray) -> np.ndarray:
@@ -165,9 +179,9 @@ def dequantise(codes: np.ndarray) -> np.ndarray:
     return (codes.astype(np.float32) * QUANTUM - 1.0).astype(np.float16)
 
 
-def prepare_slice(image: np.ndarray, labels: np.ndarray, config: PreprocessingConfig):
+def prepare_slice(image: np.ndarray, labels: np.ndarray, config: PreprocessingConfig, ranges: np.ndarray | None = None):
     """The library's preprocessing of one slice, labels cut by the same crop box; None without brain."""
-    prepared = preprocess_slice(image, config)
+    prepared = preprocess_slice(image, config, ranges)
     if prepared is None:
         return None
     inputs, box = prepared
@@ -193,13 +207,17 @@ def build_hdf5_set(root: Path, config: PreprocessingConfig) -> SliceSet:
 
 
 def build_case_set(folder: Path, case: str, config: PreprocessingConfig) -> SliceSet:
-    """Every brain slice of a NIfTI case (with and without tumour), preprocessed."""
+    """Every brain slice of a NIfTI case (with and without tumour), preprocessed as the
+    library's ``segment_volume`` does (with "volume" scaling, by the whole case's ranges)."""
+    from KANTumorSegLib.preprocessing import intensity_ranges
+
     volume, seg = read_nifti_case(folder)
     if seg.shape[:2] != CASE_SHAPE:
         raise ValueError(f"{folder}: slices of {seg.shape[:2]}, not the BraTS {CASE_SHAPE}")
+    ranges = intensity_ranges(volume, config) if config.intensity_range == "volume" else None
     inputs, labels, z, corners = [], [], [], []
     for k in range(volume.shape[-1]):
-        prepared = prepare_slice(volume[..., k], seg[..., k], config)
+        prepared = prepare_slice(volume[..., k], seg[..., k], config, ranges)
         if prepared is not None:
             inputs.append(prepared[0])
             labels.append(prepared[1])
@@ -235,12 +253,20 @@ def cached(cache: Path, name: str, build) -> SliceSet:
     return SliceSet.load(path)
 
 
+def cache_name(name: str, config: PreprocessingConfig) -> str:
+    """A cache file's name: the study's slice scaling keeps the plain name, "volume" scaling
+    (at its percentile) its own, so caches of both live side by side."""
+    if config.intensity_range == "slice":
+        return name
+    return f"{name}_vol{config.upper_percentile:g}"
+
+
 def load_hdf5(root: Path, cache: Path, config: PreprocessingConfig) -> SliceSet:
-    return cached(cache, "hdf5", lambda: build_hdf5_set(root, config))
+    return cached(cache, cache_name("hdf5", config), lambda: build_hdf5_set(root, config))
 
 
 def load_case(root: Path, cache: Path, case: str, config: PreprocessingConfig) -> SliceSet:
-    return cached(cache, case, lambda: build_case_set(root / CASE_FOLDERS[case], case, config))
+    return cached(cache, cache_name(case, config), lambda: build_case_set(root / CASE_FOLDERS[case], case, config))
 
 
 def pick_patients(patients: np.ndarray, count: int, rng: random.Random) -> set[str]:
@@ -308,23 +334,36 @@ def save_split(split: dict, path: Path) -> None:
     path.write_text(json.dumps(split, indent=1) + "\n")
 
 
-def stage_cache(root: Path, cache: Path, stage: Path | None = None) -> str:
-    """Build the cache of the HDF5 slices and every shared 3D case (the library's preprocessing
-    at its defaults, the study's), and with ``stage`` hard-link it into stage/train (HDF5 and
-    the training cases) and stage/test (the test cases): about 39 and 28 MB, so each travels
-    in one device call beside the repository. Returns a one-line summary."""
+def stage_cache(root: Path, cache: Path, stage: Path | None = None, ranges: tuple[str, ...] = ("slice",),
+                part_mb: float = 40.0) -> str:
+    """Build the cache of the HDF5 slices and the training cases for each intensity range in
+    ``ranges`` (the library's preprocessing otherwise at its defaults), and with ``stage``
+    hard-link it into stage/part1, part2, ... of at most ``part_mb`` each: each part travels in
+    one device call beside the repository (64 MiB with the 18 MB tree and the wheels), and the
+    call copies it into the cache folder, which stays while the machine is warm. Test cases are
+    not cached: their figures come from the library's own inference on the CPU
+    (Training/scripts/evaluate_model.py). Returns a one-line summary."""
     import os
 
-    config = PreprocessingConfig()
-    load_hdf5(root, cache, config)
-    for case in CASE_FOLDERS:
-        load_case(root, cache, case, config)
+    files = []
+    for config in (PreprocessingConfig(intensity_range=r) for r in ranges):
+        load_hdf5(root, cache, config)
+        files.append(cache / f"{cache_name('hdf5', config)}.npy.xz")
+        for case in TRAIN_CASES:
+            load_case(root, cache, case, config)
+            files.append(cache / f"{cache_name(case, config)}.npy.xz")
     if stage is None:
         return f"cache ready in {cache}"
-    for part, names in (("train", ["hdf5", *TRAIN_CASES]), ("test", list(TEST_CASES))):
-        (stage / part).mkdir(parents=True, exist_ok=True)
-        for name in names:
-            target = stage / part / f"{name}.npy.xz"
+    parts: list[list[Path]] = [[]]
+    for path in files:
+        if parts[-1] and sum(p.stat().st_size for p in parts[-1]) + path.stat().st_size > part_mb * 1e6:
+            parts.append([])
+        parts[-1].append(path)
+    for number, part in enumerate(parts, 1):
+        (stage / f"part{number}").mkdir(parents=True, exist_ok=True)
+        for path in part:
+            target = stage / f"part{number}" / path.name
             target.unlink(missing_ok=True)
-            os.link(cache / f"{name}.npy.xz", target)
-    return f"cache ready in {cache}, staged in {stage}/train and {stage}/test"
+            os.link(path, target)
+    sizes = ", ".join(f"part{n} {sum(p.stat().st_size for p in part) / 1e6:.0f} MB" for n, part in enumerate(parts, 1))
+    return f"cache ready in {cache}, staged in {stage}: {sizes}"

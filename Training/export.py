@@ -48,11 +48,14 @@ def export_run(run_dir: Path, output: Path, name: str = "") -> dict:
         "postprocessing": PostprocessConfig.from_dict(config.get("postprocessing")).to_dict(),
         "training_data": {
             "description": (
-                "Kaggle BraTS2020 HDF5 slices (mwarylak_BraTS_Thesis, 150 tumour slices of 125 patients) outside "
-                "the validation patients, plus every brain slice (tumour and tumour-free) of the 3D cases "
+                ("Kaggle BraTS2020 HDF5 slices (mwarylak_BraTS_Thesis, 150 tumour slices of 125 patients) outside "
+                 "the validation patients, plus " if config["data"].get("use_hdf5", True) else "")
+                + "every brain slice (tumour and tumour-free) of the 3D cases "
                 + ", ".join(c for c in config["data"]["train_cases"] if c not in config["data"]["val_cases"])
-                + "; validation: whole HDF5 patients" + (" and the 3D cases " + ", ".join(config["data"]["val_cases"])
-                                                         if config["data"]["val_cases"] else "")
+                + "; validation: " + (" and ".join(
+                    (["whole HDF5 patients"] if config["data"]["n_val"] else [])
+                    + (["the 3D cases " + ", ".join(config["data"]["val_cases"])] if config["data"]["val_cases"] else []))
+                    or "none")
                 + "; test cases never seen: " + ", ".join(config["data"]["test_cases"])),
             "n_train": split.get("n_train"),
             "n_val": split.get("n_val"),

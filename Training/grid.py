@@ -22,8 +22,9 @@ def expand(grid: dict) -> list[tuple[str, list[str]]]:
         for seed in cell.get("seeds", grid["seeds"]):
             name = f"{cell['name']}_s{seed}"
             overrides = [f"name={name}", f"seed={seed}", f"output={grid['output']}"]
-            overrides += [f"{k}={v}" for k, v in cell.get("set", {}).items()]
+            # The grid's settings first, so a cell's own setting of the same key wins.
             overrides += [f"{k}={v}" for k, v in grid.get("set", {}).items()]
+            overrides += [f"{k}={v}" for k, v in cell.get("set", {}).items()]
             runs.append((name, overrides))
     return runs
 

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 
 from .augment import Augmenter, TensorAugmenter
-from .data import SliceSet, load_case, load_hdf5, make_split, pick_patients, save_split, select
+from .data import SliceSet, load_case, load_hdf5, make_split, patient_group, pick_patients, save_split, select
 from .metrics import METRIC_NAMES, mean_metrics
 from .models import build_model, count_parameters
 from .train_step import TrainStep
@@ -93,6 +93,8 @@ def load_datasets(config: dict, run_dir: Path | None):
     leaked = set(data["test_cases"]) & (set(data["train_cases"]) | set(data["val_cases"]))
     if leaked:
         raise ValueError(f"test cases {sorted(leaked)} are also in data.train_cases or data.val_cases")
+    if set(data["val_cases"]) - set(data["train_cases"]):
+        raise ValueError(f"data.val_cases {sorted(set(data['val_cases']) - set(data['train_cases']))} are not in data.train_cases")
     hdf5 = load_hdf5(root, cache, pre)
     # The grid pool reaches for the 3D cases only when the HDF5 slices run out (n = 150): a run
     # of 100 HDF5 slices then holds 0.1 GB instead of 1 GB, which matters with many runs at once.
@@ -103,18 +105,26 @@ def load_datasets(config: dict, run_dir: Path | None):
         extra = SliceSet.concat(tumour) if tumour else None
         split = make_split(hdf5, extra, data["n_train"], data["n_val"], split_seed)
     elif data["pool"] == "all":
-        val_patients = pick_patients(hdf5.patients, data["n_val"], random.Random(split_seed))
-        val_patients |= set(data["val_cases"])
-        keys = [[str(s.sources[i]), str(s.patients[i]), int(s.z[i])] for s in [hdf5, *cases] for i in range(len(s))]
-        train_keys = [k for k in keys if data["val_in_train"] or k[1] not in val_patients]
+        # Split by patient group: a 3D case and its own HDF5 slices (data.SAME_PATIENT) fall on
+        # one side. HDF5 validation patients are drawn outside the 3D cases' groups, so the 3D
+        # cases keep the side their config gives them.
+        case_groups = {patient_group(c) for c in data["train_cases"]}
+        eligible = np.array([p for p in hdf5.patients if patient_group(str(p)) not in case_groups])
+        val_groups = {patient_group(str(p)) for p in pick_patients(eligible, data["n_val"], random.Random(split_seed))}
+        val_groups |= {patient_group(c) for c in data["val_cases"]}
+        sets = [hdf5, *cases] if data["use_hdf5"] else cases
+        keys = [[str(s.sources[i]), str(s.patients[i]), int(s.z[i])] for s in sets for i in range(len(s))]
+        train_keys = [k for k in keys if data["val_in_train"] or patient_group(k[1]) not in val_groups]
         if data["n_patients"] is not None:
-            patients = sorted({k[1] for k in train_keys})
-            random.Random(split_seed + 1).shuffle(patients)
-            kept = set(patients[: int(data["n_patients"])])
-            train_keys = [k for k in train_keys if k[1] in kept]
-        split = {"seed": split_seed, "val": [k for k in keys if k[1] in val_patients], "train": train_keys}
+            groups = sorted({patient_group(k[1]) for k in train_keys})
+            random.Random(split_seed + 1).shuffle(groups)
+            kept = set(groups[: int(data["n_patients"])])
+            train_keys = [k for k in train_keys if patient_group(k[1]) in kept]
+        val_keys = [k for s in [hdf5, *cases] for k in ([str(s.sources[i]), str(s.patients[i]), int(s.z[i])]
+                                                          for i in range(len(s))) if patient_group(k[1]) in val_groups]
+        split = {"seed": split_seed, "val": val_keys, "train": train_keys}
         split["n_train"], split["n_val"] = len(split["train"]), len(split["val"])
-        split["n_train_patients"] = len({k[1] for k in train_keys})
+        split["n_train_patients"] = len({patient_group(k[1]) for k in train_keys})
     else:
         raise ValueError(f"data.pool must be 'grid' or 'all', not {data['pool']!r}")
     if run_dir is not None:
@@ -184,12 +194,18 @@ def train(config: dict) -> Path:
     # Every batch has the same shape, so cuDNN's autotuned kernels pay off at once.
     torch.backends.cudnn.benchmark = device.type == "cuda"
     train_set, val_set, split = load_datasets(config, run_dir if rank == 0 else None)
+    if cfg["select_metric"] not in SELECT_METRICS:
+        raise ValueError(f"train.select_metric must be one of {sorted(SELECT_METRICS)}, not {cfg['select_metric']!r}")
+    if cfg["select_metric"] == "case3d" and not (val_set.sources == "nifti").any():
+        raise ValueError("train.select_metric case3d needs 3D validation patients (data.val_cases)")
 
     model = build_model(config["model"]).to(device)
     head = model.config.head
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"] and device.type == "cuda":
+        net = torch.compile(net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg["t0_epochs"], eta_min=cfg["eta_min"])
     # batch=True pools each channel's Dice over the batch: per-slice Dice of a channel that is
@@ -216,7 +232,7 @@ def train(config: dict) -> Path:
     x_all = torch.from_numpy(train_set.inputs.astype(np.float32)).to(device)
     y_all = torch.from_numpy(train_set.labels.astype(np.int64)).to(device)
     log_path = run_dir / "log.csv"
-    fields = ["epoch", "lr", "train_loss", "seconds", *[f"val_{m}" for m in METRIC_NAMES]]
+    fields = ["epoch", "lr", "train_loss", "seconds", *[f"val_{m}" for m in VAL_NAMES]]
     if rank == 0:
         # A run stopped between checkpoints (killed, not at a deadline) logged epochs that it
         # now runs again from last.pt: keep only the rows before the epoch it resumes from.
@@ -228,6 +244,7 @@ def train(config: dict) -> Path:
             csv.writer(stream).writerows([fields, *kept])
     bar = tqdm(range(start_epoch, cfg["epochs"]), desc=config["name"], disable=rank != 0 or not cfg["progress"],
                initial=start_epoch, total=cfg["epochs"])
+    train_started = time.perf_counter()
     for epoch in bar:
         started = time.perf_counter()
         # Seeding per epoch makes a resumed run draw the same batches and augmentations.
@@ -248,6 +265,8 @@ def train(config: dict) -> Path:
             torch.distributed.all_reduce(value)
             train_loss = float(value) / world
         epochs_run = epoch + 1
+        if cfg["budget_s"] and epoch == start_epoch + 1:
+            fit_epochs_to_budget(cfg, scheduler, epoch, time.perf_counter() - started, train_started, bar)
         # A shared wall-clock budget (one device call): stop before the next epoch would
         # overrun it; results.json records how many epochs ran. Every rank must agree.
         stop = torch.tensor([bool(cfg["deadline_unix"]) and time.time() + 1.5 * (time.perf_counter() - started)
@@ -266,6 +285,20 @@ def train(config: dict) -> Path:
     return run_dir
 
 
+def fit_epochs_to_budget(cfg: dict, scheduler, epoch: int, epoch_seconds: float, train_started: float, bar) -> None:
+    """Set train.epochs (and one cosine cycle over them) to what fits ``budget_s`` at the speed of
+    the epoch just run, never more than the configured epochs: runs that share one device call
+    then each end their schedule instead of being cut at a high learning rate. Only when
+    t0_epochs equals epochs (one cycle), so the schedule keeps its shape."""
+    if cfg["t0_epochs"] != cfg["epochs"]:
+        return
+    left = cfg["budget_s"] - (time.perf_counter() - train_started)
+    epochs = max(epoch + 2, min(cfg["epochs"], epoch + 1 + int(left / max(epoch_seconds, 1e-6))))
+    cfg["epochs"] = cfg["t0_epochs"] = epochs
+    scheduler.T_0 = scheduler.T_i = epochs
+    bar.total = epochs
+
+
 def validate_and_save(model, optimizer, scheduler, val_set: SliceSet, device, cfg: dict, run_dir: Path, epoch: int,
                       lr: float, train_loss: float, started: float, bar, state: dict, checkpoint: bool = False) -> None:
     """Score the epoch on validation, log it, keep the best and the resumable checkpoint: every
@@ -275,20 +308,43 @@ def validate_and_save(model, optimizer, scheduler, val_set: SliceSet, device, cf
 
     log_path, last = run_dir / "log.csv", run_dir / "last.pt"
     preds = predict_labels(model, val_set.inputs, device, cfg["eval_batch"], cfg["amp"])
-    val = mean_metrics(preds, val_set.labels)
+    val = validation_metrics(preds, val_set)
     seconds = time.perf_counter() - started
     with open(log_path, "a", newline="") as stream:
         csv.writer(stream).writerow([epoch, lr, round(train_loss, 6), round(seconds, 3),
-                                     *[round(val[m], 6) for m in METRIC_NAMES]])
+                                     *[round(val[m], 6) for m in VAL_NAMES]])
     if cfg["select"] not in ("best", "last"):
         raise ValueError(f"train.select must be 'best' or 'last', not {cfg['select']!r}")
-    if val["dice_mean"] > state["best"] or cfg["select"] == "last":
-        state["best"], state["best_epoch"] = val["dice_mean"], epoch
+    score = val[SELECT_METRICS[cfg["select_metric"]]]
+    if score > state["best"] or cfg["select"] == "last":
+        state["best"], state["best_epoch"] = score, epoch
         torch.save(model.state_dict(), run_dir / "best.pt")
     if checkpoint or (epoch + 1) % cfg["checkpoint_every"] == 0:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "epoch": epoch, **state}, last)
-    bar.set_postfix(loss=f"{train_loss:.3f}", val_dice=f"{val['dice_mean']:.3f}", best=f"{state['best']:.3f}")
+    bar.set_postfix(loss=f"{train_loss:.3f}", val_dice=f"{score:.3f}", best=f"{state['best']:.3f}")
+
+
+VAL_NAMES = (*METRIC_NAMES, "case3d_dice_mean", "case3d_worst")
+SELECT_METRICS = {"slice": "dice_mean", "case3d": "case3d_dice_mean"}
+"""train.select_metric -> the validation figure that picks the epoch: the study's mean slice
+Dice, or the mean over the 3D validation patients of each one's 3D Dice over WT/TC/ET (the
+product's unit is a patient)."""
+
+
+def validation_metrics(preds: np.ndarray, val_set: SliceSet) -> dict[str, float]:
+    """The slice metrics of the validation set, plus each 3D validation patient's 3D mean Dice
+    (its brain slices stacked: the crops hold every brain voxel, and slices without brain are
+    empty in both) as their mean and the worst; NaN without 3D validation patients."""
+    from .metrics import case_metrics
+
+    out = mean_metrics(preds, val_set.labels)
+    nifti = val_set.sources == "nifti"
+    per_case = [case_metrics(preds[nifti & (val_set.patients == p)], val_set.labels[nifti & (val_set.patients == p)])["dice_mean"]
+                for p in sorted(set(val_set.patients[nifti].tolist()))]
+    out["case3d_dice_mean"] = float(np.mean(per_case)) if per_case else float("nan")
+    out["case3d_worst"] = float(min(per_case)) if per_case else float("nan")
+    return out
 
 
 
@@ -307,7 +363,7 @@ def finish(model, config: dict, run_dir: Path, val_set: SliceSet, device, split:
         "parameters": count_parameters(model),
         "n_train": split["n_train"],
         "n_val": split["n_val"],
-        "validation": mean_metrics(predict_labels(model, val_set.inputs, device, cfg["eval_batch"], cfg["amp"]), val_set.labels),
+        "validation": validation_metrics(predict_labels(model, val_set.inputs, device, cfg["eval_batch"], cfg["amp"]), val_set),
         "device": str(device),
     }
     if cfg["test"]:

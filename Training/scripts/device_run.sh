@@ -1,33 +1,54 @@
 #!/bin/bash
 # Runs experiment grids on one GPU machine under a shared wall-clock budget, then packs the
-# run folders (without checkpoints) and each KANU-Net run's exported weights into $OUT.
-#   BUDGET_S=1150 bash Training/scripts/device_run.sh GRID.yaml:JOBS [GRID.yaml:JOBS ...]
+# run folders (without checkpoints) and every run's exported weights into $OUT.
+#   bash Training/scripts/device_run.sh --stage         # copy the carried .stage/part*/ into the cache
+#   BUDGET_S=600 [DETACH=1] bash Training/scripts/device_run.sh GRID.yaml:JOBS [GRID.yaml:JOBS ...]
+#   bash Training/scripts/device_run.sh --wait          # (after DETACH=1) wait, then pack
 # Each grid runs as its own driver with JOBS processes at a time, all grids side by side.
-# Expects the slice cache in .cache/slices_q8 and MONAI importable. `python -m Training cache
-# --stage .stage` builds the cache here and splits it into .stage/train (39 MB) and .stage/test
-# (28 MB); with the 18 MB tree each fits one device call (64 MiB), not both. Runs that score the
-# test patients (train.test: true) need both on the machine: a first call carries .stage/test and
-# copies it into .cache/slices_q8, and the next call, made within the 30 s the machine stays
-# warm, carries .stage/train and runs this script. Runs with train.test: false need only
-# .stage/train; their exported models are scored here with Training/scripts/evaluate_model.py.
-# With DETACH=1 it starts itself in a new process session and returns (the device tool keeps
-# such a process while the machine stays warm); `bash Training/scripts/device_run.sh --wait`
-# then waits for it and packs what is there.
+# Data: `python -m Training cache --ranges slice,volume --stage .stage` builds the 8-bit cache here
+# and splits its training files into .stage/part1, part2, ... of at most 40 MB: with the 18 MB tree
+# and the MONAI wheel each part fits one device call (64 MiB). Call with --stage, carrying one part
+# at a time, while the machine stays warm (30 s idle; ignored files stay between calls), then start
+# the grids. Test figures are computed afterwards here, on the CPU, through the library
+# (Training/scripts/evaluate_model.py), so no test file travels.
+# MONAI is not on the machine: carry .whl (python3 -m pip download monai, see docs/training.md) and
+# start each call with the pip install line of the device tool's README.
+# With DETACH=1 it starts itself in a new process session and returns (the device tool keeps such
+# a process while the machine stays warm); --wait then waits for it (WAIT_S, default 560 s) and
+# packs what is there: results.tgz and the exported models in parts of at most 15 MB
+# (models.tgz.part-aa, -ab, ...; `cat models.tgz.part-* | tar xz` joins them). A call brings back
+# at most 64 MiB: beyond four parts, export the runs wanted into $OUT one by one in a later call.
 set -u
 OUT=${OUT:-out}
-STATE=.device_state
+# Under runs/ (ignored by git): a device call removes the untracked files that git does not ignore.
+STATE=runs/.device_state
+CACHE=.cache/slices_q8
+pack() {
+  mkdir -p runs/export
+  for run in runs/*/*/; do
+    name=$(basename "$run")
+    [ -f "$run/best.pt" ] && [ ! -f "runs/export/$name.safetensors" ] && \
+      python3 -m Training export "$run" -o "runs/export/$name.safetensors" >/dev/null 2>&1
+  done
+  tar czf "$OUT/results.tgz" --exclude="*.pt" --exclude=runs/export runs 2>/dev/null
+  ls runs/export/*.safetensors >/dev/null 2>&1 && tar czf - -C runs export | split -b 15M - "$OUT/models.tgz.part-"
+  ls -la "$OUT"
+}
+if [ "${1:-}" = "--stage" ]; then
+  mkdir -p $CACHE && cp -v .stage/part*/*.npy.xz $CACHE/ | wc -l && ls $CACHE | wc -l && du -sh $CACHE
+  exit 0
+fi
 if [ "${1:-}" = "--wait" ]; then
   for _ in $(seq 1 "${WAIT_S:-560}"); do [ -f $STATE/done ] && break; sleep 1; done
   tail -n 40 $STATE/driver.log
-  tar czf "$OUT/results.tgz" --exclude='*.pt' runs $STATE/driver.log 2>/dev/null
-  ls export/*.safetensors >/dev/null 2>&1 && tar czf "$OUT/models.tgz" export
-  ls -la "$OUT"; [ -f $STATE/done ] && echo "DONE" || echo "STILL RUNNING"
+  if [ -f $STATE/done ]; then pack; echo "DONE"; else
+    for log in runs/*/*/log.csv; do echo "$log: $(tail -n 1 "$log")"; done; echo "STILL RUNNING"; fi
   exit 0
 fi
 mkdir -p $STATE "$OUT"
 if [ "${DETACH:-0}" = "1" ]; then
   rm -f $STATE/done
-  DETACH=0 setsid nohup bash "$0" "$@" > $STATE/driver.log 2>&1 < /dev/null &
+  DETACH=0 DETACHED=1 setsid nohup bash "$0" "$@" > $STATE/driver.log 2>&1 < /dev/null &
   echo "started in the background"; exit 0
 fi
 START=$(date +%s)
@@ -39,14 +60,12 @@ for spec in "$@"; do
   [ ${#pids[@]} -gt 0 ] && sleep 20
   grid=${spec%%:*}; jobs=${spec##*:}
   python3 -m Training grid --config "$grid" --jobs "$jobs" --override train.deadline_unix=$DEADLINE \
-    > "$STATE/$(basename "$grid" .yaml).log" 2>&1 &
+    ${EXTRA_OVERRIDE:+--override "$EXTRA_OVERRIDE"} ${ONLY:+--only "$ONLY"} > "$STATE/$(basename "$grid" .yaml).log" 2>&1 &
   pids+=($!)
 done
 wait "${pids[@]}"
 cat $STATE/*.log | grep -v "^\[" | tail -n 20
-mkdir -p export
-for run in runs/shipped/*/; do
-  [ -f "$run/best.pt" ] && python3 -m Training export "$run" -o "export/$(basename "$run").safetensors" >/dev/null 2>&1
-done
 echo "all done at $(( $(date +%s) - START )) s"
+# A detached run's $OUT belongs to the call that started it: --wait packs into its own.
+[ "${DETACHED:-0}" = "1" ] || pack
 touch $STATE/done

@@ -27,8 +27,8 @@ from KANTumorSegLib.postprocess import PostprocessConfig, postprocess
 from Training.data import CASE_FOLDERS, TEST_CASES, read_nifti_case, voxel_ml
 from Training.metrics import REGION_NAMES, brain_slices, mean_metrics, score_test_case
 
-VALIDATION_CASES = ("BraTS2021_00005", "BraTS2021_00024")
-"""The 3D validation patients of Training/configs/shipped.yaml."""
+VALIDATION_CASES = ("BraTS2021_00005", "BraTS2021_00024", "BraTS2021_01477", "BraTS2021_01481")
+"""The 3D validation patients of Training/configs/retrain.yaml and shipped.yaml."""
 MIN_COMPONENT_ML = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 ET_MIN_ML = (0.0, 0.25, 0.5, 1.0, 2.0)
 ET_LITERATURE_ML = 0.5
