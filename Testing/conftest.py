@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,20 @@ def small_case(cropped_case: Path, tmp_path_factory) -> Path:
         sitk.WriteImage(image[:, :, 11:19], str(out / f"crop_{name}.nii.gz"))
     return out
 
+
+@pytest.fixture
+def ends() -> Iterator[Callable[[subprocess.Popen], subprocess.Popen]]:
+    """``ends(process)`` returns ``process`` (started in a session of its own, as
+    ``slicer_support.launch`` and ``processes.start`` do) and kills its process group when the
+    test ends, passed or failed, unless it was reaped before (``processes.end_group``)."""
+    from processes import end_group
+
+    started: list[subprocess.Popen] = []
+
+    def register(process: subprocess.Popen) -> subprocess.Popen:
+        started.append(process)
+        return process
+
+    yield register
+    for process in started:
+        end_group(process)

@@ -4,7 +4,8 @@ The real command runs in a subprocess on a 30-slice crop of BraTS20_Training_001
 tiny random-weights model and ``--progress jsonl``; once a progress line says it is
 segmenting, the test sends the signal and checks the exit code, the message and the
 output folder: nothing added (no output file, no hidden staging folder), and a file that
-was there before is left alone.
+was there before is left alone. Every process is killed with its group when its test ends
+(the ``ends`` fixture), so that a run that does not stop fails its test and nothing more.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import processes
 import pytest
 
 from KANTumorSegLib.progress import parse_progress_line
@@ -24,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def start_segment(case: Path, out: Path, model: Path) -> subprocess.Popen:
     # Batches of 2 slices: many progress steps, so the signal lands mid-run.
-    return subprocess.Popen(
+    return processes.start(
         [sys.executable, "-m", "KANTumorSegLib", "segment", str(case), "-o", str(out), "--model", str(model),
          "--device", "cpu", "--batch-size", "2", "--progress", "jsonl"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -39,7 +41,6 @@ def wait_for_stage(process: subprocess.Popen, stage: str, timeout: float = 60.0)
             return parsed[1], parsed[2]
         if time.monotonic() > deadline:
             break
-    process.kill()
     pytest.fail(f"no '{stage}' progress line; stderr: {process.stderr.read()}")
 
 
@@ -48,11 +49,11 @@ def wait_for_stage(process: subprocess.Popen, stage: str, timeout: float = 60.0)
     (signal.SIGINT, 130, "kantumorseg: interrupted; no output was written."),
 ], ids=["SIGTERM", "SIGINT"])
 def test_signal_mid_segmentation_exits_promptly_and_leaves_nothing(cropped_case: Path, tiny_model: Path, tmp_path: Path,
-                                                                   signum: int, code: int, message: str):
+                                                                   ends, signum: int, code: int, message: str):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("the user's own file\n")
-    process = start_segment(cropped_case, out, tiny_model)
+    process = ends(start_segment(cropped_case, out, tiny_model))
     done, total = wait_for_stage(process, "segment")
     assert done < total, "the run finished segmenting before the signal could be sent"
     process.send_signal(signum)
@@ -66,9 +67,9 @@ def test_signal_mid_segmentation_exits_promptly_and_leaves_nothing(cropped_case:
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_sigterm_removes_the_output_folder_it_created(cropped_case: Path, tiny_model: Path, tmp_path: Path):
+def test_sigterm_removes_the_output_folder_it_created(cropped_case: Path, tiny_model: Path, tmp_path: Path, ends):
     out = tmp_path / "new" / "out"
-    process = start_segment(cropped_case, out, tiny_model)
+    process = ends(start_segment(cropped_case, out, tiny_model))
     wait_for_stage(process, "segment")
     assert out.is_dir()  # the staging folder lives inside it during the run
     process.send_signal(signal.SIGTERM)
