@@ -135,7 +135,8 @@ def one_run(index: int, signum: signal.Signals, delay_s: float, case: Path, mode
         # Finished before the signal landed: its four outputs and the user's file.
         problem = "" if "notes.txt" in names and not any(n.startswith(".") for n in names) and len(names) > 4 else f"left {names}"
     else:
-        problem = f"exit code {code}: {errors.strip().splitlines()[-1:] or ''}"
+        # The end of stderr: a fatal error's or a native library's lines come before the last one.
+        problem = f"exit code {code}; stderr ends:\n    " + "\n    ".join(errors.strip().splitlines()[-12:])
     if "Traceback" in errors:
         problem += " traceback on stderr"
     return Outcome(signum.name, delay_s, True, seconds, code, last_stage(text), problem)
