@@ -15,11 +15,11 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .errors import KANTumorSegError, is_out_of_memory
-from .exit_codes import EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USER_ERROR
+from .exit_codes import EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR, run_to_exit_code
 
 if TYPE_CHECKING:
     from .pipeline import SegmentResult
@@ -293,3 +293,41 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def leave_now(code: int) -> NoReturn:
+    """End this process with ``code`` at once: stdout and stderr flushed, no exit handlers run.
+
+    Issue 20: an interrupted run did all its cleanup (staging folder removed, its message
+    printed, signal handlers restored), called ``exit(143)`` and never ended: its main thread
+    spun in ``__run_exit_handlers(status=143)`` inside ``SimpleITK/_SimpleITK.abi3.so``
+    (a native exit handler, most likely the teardown of ITK's global thread pool, though no ITK
+    worker thread was alive), burning a core until it was killed. Rare, and nothing of ours to
+    fix in ITK, so the process leaves through ``os._exit``, which runs neither Python's
+    ``atexit`` handlers nor the C library's (native libraries' destructors). Nothing is lost:
+    by the time ``main`` returns, its ``with`` blocks and ``finally`` clauses have closed every
+    file it opened and removed the staging folder; only the standard streams, which Python
+    would flush at exit, are left, and they are flushed here.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            # The reader went away (a broken pipe) or the stream is closed: nothing more can be shown.
+            pass
+    os._exit(code)
+
+
+def command() -> int:
+    """The ``kantumorseg`` console script and ``python -m KANTumorSegLib``: ``main`` as a process.
+
+    A failed or interrupted run (any code but 0, a ``--debug`` traceback included, which
+    ``run_to_exit_code`` prints as Python would) ends through ``leave_now``, so that it ends for
+    certain once its cleanup is done. A successful run returns its code to the normal exit, as
+    before: the hang was only ever seen after an interrupt, and a normal exit keeps whatever a
+    library in the process still does at exit.
+    """
+    code = run_to_exit_code(main, sys.argv[1:])
+    if code != EXIT_OK:
+        leave_now(code)
+    return code

@@ -104,8 +104,9 @@ def serve(command: Callable[[list[str]], int], idle_timeout_s: float | None = ID
     """Answer requests from stdin until it ends, or for ``idle_timeout_s`` (None or 0: no
     limit) none comes; the exit code of the worker.
 
-    ``command`` is the ``kantumorseg`` entry point (``cli.main``); each request's argument
-    list runs through it, so a request prints, fails and exits as the command does.
+    ``command`` is the command's code (``cli.main``, which the ``kantumorseg`` entry point
+    runs); each request's argument list runs through it, so a request prints, fails and exits
+    as the command does.
     """
     from .errors import KANTumorSegError
 

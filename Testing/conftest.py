@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,29 +31,31 @@ def brats_case_001(brats_samples: Path) -> Path:
     return case
 
 
-@pytest.fixture(scope="session")
-def cropped_case(brats_case_001: Path, tmp_path_factory) -> Path:
-    """BraTS20_Training_001 cut to the 30 axial slices around the tumour's centre, for fast runs.
-
-    Files are named crop_<modality>.nii.gz (case name "crop"), plus crop_seg.nii.gz outside the
-    case folder's modality names (the expert labels, same grid).
-    """
+def write_cropped_case(case_001: Path, out: Path) -> Path:
+    """Write BraTS20_Training_001 (folder ``case_001``) cut to the 30 axial slices around the
+    tumour's centre into ``out``: crop_<modality>.nii.gz (case name "crop"), plus crop_seg.nii.gz
+    outside the case folder's modality names (the expert labels, same grid)."""
     import numpy as np
     import SimpleITK as sitk
 
-    out = tmp_path_factory.mktemp("cropped_case")
-    seg = sitk.ReadImage(str(brats_case_001 / "BraTS20_Training_001_seg.nii.gz"))
+    seg = sitk.ReadImage(str(case_001 / "BraTS20_Training_001_seg.nii.gz"))
     tumour_z = np.nonzero(sitk.GetArrayViewFromImage(seg).any(axis=(1, 2)))[0]
     centre = int(tumour_z[0] + tumour_z[-1]) // 2
     for name in ("t1", "t1ce", "t2", "flair", "seg"):
-        image = seg if name == "seg" else sitk.ReadImage(str(brats_case_001 / f"BraTS20_Training_001_{name}.nii.gz"))
+        image = seg if name == "seg" else sitk.ReadImage(str(case_001 / f"BraTS20_Training_001_{name}.nii.gz"))
         sitk.WriteImage(image[:, :, centre - 15:centre + 15], str(out / f"crop_{name}.nii.gz"))
     return out
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A random-weights KANU-Net with base_width 4 and its model card: fast, not accurate."""
+def cropped_case(brats_case_001: Path, tmp_path_factory) -> Path:
+    """BraTS20_Training_001 cut to the 30 axial slices around the tumour's centre, for fast runs
+    (``write_cropped_case``)."""
+    return write_cropped_case(brats_case_001, tmp_path_factory.mktemp("cropped_case"))
+
+
+def write_tiny_model(path: Path) -> Path:
+    """Save a random-weights KANU-Net with base_width 4 (seed 0) and its model card at ``path``."""
     import torch
 
     from KANTumorSegLib.preprocessing import PreprocessingConfig
@@ -59,11 +63,16 @@ def tiny_model(tmp_path_factory) -> Path:
     from KANTumorSegLib.weights import save_model
 
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_model") / "tiny.safetensors"
     save_model(KANUNet2D(ModelConfig(base_width=4)), path,
                {"name": "tiny-random", "preprocessing": PreprocessingConfig().to_dict(), "labels": "brats2020",
                 "training": "none: random weights for tests"})
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random-weights KANU-Net with base_width 4 and its model card: fast, not accurate."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_model") / "tiny.safetensors")
 
 
 CASES_3D: dict[str, str] = {
@@ -124,3 +133,21 @@ def small_case(cropped_case: Path, tmp_path_factory) -> Path:
         image = sitk.ReadImage(str(cropped_case / f"crop_{name}.nii.gz"))
         sitk.WriteImage(image[:, :, 11:19], str(out / f"crop_{name}.nii.gz"))
     return out
+
+
+@pytest.fixture
+def ends() -> Iterator[Callable[[subprocess.Popen], subprocess.Popen]]:
+    """``ends(process)`` returns ``process`` (started in a session of its own, as
+    ``slicer_support.launch`` and ``processes.start`` do) and kills its process group when the
+    test ends, passed or failed, unless it was reaped before (``processes.end_group``)."""
+    from processes import end_group
+
+    started: list[subprocess.Popen] = []
+
+    def register(process: subprocess.Popen) -> subprocess.Popen:
+        started.append(process)
+        return process
+
+    yield register
+    for process in started:
+        end_group(process)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import processes
 import pytest
 import SimpleITK as sitk
 
@@ -72,8 +73,8 @@ def setup(small_case: Path, tiny_model: Path, tmp_path: Path) -> Setup:
 
 def run_segment(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     """The real command in a child process, as a user would run it."""
-    return subprocess.run([sys.executable, "-m", "KANTumorSegLib", "segment", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, **kwargs)
+    return processes.run([sys.executable, "-m", "KANTumorSegLib", "segment", *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, **kwargs)
 
 
 def folder_state(folder: Path) -> dict[str, str] | None:
@@ -469,8 +470,8 @@ runpy.run_module("KANTumorSegLib", run_name="__main__")
 
 def test_segment_never_opens_a_network_connection(setup: Setup):
     log = setup.tmp / "network.log"
-    result = subprocess.run([sys.executable, "-c", NO_NETWORK, str(log), "segment", *setup.args()], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = processes.run([sys.executable, "-c", NO_NETWORK, str(log), "segment", *setup.args()], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert not log.exists(), log.read_text()
     assert (setup.out / "crop_seg.nii.gz").is_file()
@@ -502,8 +503,8 @@ def test_cpu_run_under_a_memory_limit_fails_with_a_sentence_not_a_kill(setup: Se
     def small_thread_stacks() -> None:
         resource.setrlimit(resource.RLIMIT_STACK, (2 << 20, 2 << 20))
 
-    result = subprocess.run([sys.executable, "-c", MEMORY_LIMITED, "48", "segment", *setup.args()], cwd=REPO,
-                            capture_output=True, text=True, timeout=60, preexec_fn=small_thread_stacks)
+    result = processes.run([sys.executable, "-c", MEMORY_LIMITED, "48", "segment", *setup.args()], cwd=REPO,
+                           capture_output=True, text=True, timeout=60, preexec_fn=small_thread_stacks)
     assert_refused(result, 2, r"error: (out of memory|Not enough memory)")
     assert folder_state(setup.out) is None
 

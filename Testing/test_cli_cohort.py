@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 import SimpleITK as sitk
 
@@ -27,7 +28,7 @@ def outputs(case: str) -> list[str]:
 
 def segment(*args: str | Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "KANTumorSegLib", "segment", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=240)
+    return processes.run(command, capture_output=True, text=True, timeout=240)
 
 
 def error_lines(done: subprocess.CompletedProcess) -> list[str]:
@@ -162,7 +163,7 @@ def test_options_of_one_case_are_refused_with_several_folders(cohort: dict[str, 
 
 
 def test_sigterm_in_the_second_case_keeps_the_first_and_says_so(cohort: dict[str, Path], cropped_case: Path,
-                                                                tiny_model: Path, tmp_path: Path):
+                                                                tiny_model: Path, tmp_path: Path, ends):
     # The second case is the 30-slice crop at 2 slices a batch: many progress steps, so the
     # signal lands while it is segmenting (as in test_interrupt.py).
     second = tmp_path / "c"
@@ -170,10 +171,10 @@ def test_sigterm_in_the_second_case_keeps_the_first_and_says_so(cohort: dict[str
     for modality in MODALITIES:
         (second / f"c_{modality}.nii.gz").symlink_to(cropped_case / f"crop_{modality}.nii.gz")
     out = tmp_path / "out"
-    process = subprocess.Popen(
+    process = ends(processes.start(
         [sys.executable, "-m", "KANTumorSegLib", "segment", str(cohort["a"]), str(second), "-o", str(out),
          "--model", str(tiny_model), "--device", "cpu", "--batch-size", "2", "--progress", "jsonl"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     cases_done = 0
     for line in process.stdout:
         message = json.loads(line)
@@ -197,7 +198,7 @@ def test_a_closed_stdout_is_reported_with_the_cases_really_complete(cohort: dict
     out, errors = tmp_path / "out", tmp_path / "stderr.txt"
     command = (f"{sys.executable} -m KANTumorSegLib segment {cohort['a']} {cohort['b']} -o {out} --model {tiny_model} "
                f"--device cpu --progress none 2> {errors} | head -1; exit ${{PIPESTATUS[0]}}")
-    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=240)
+    done = processes.run(["bash", "-c", command], capture_output=True, text=True, timeout=240)
     assert done.stdout.startswith("Segmented a on cpu")
     assert done.returncode == 2, errors.read_text()
     on_disk = [case for case in ("a", "b") if all((out / name).exists() for name in outputs(case))]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 import SimpleITK as sitk
 
@@ -24,7 +25,7 @@ OUTPUTS = ("crop_seg.nii.gz", "crop.seg.nrrd", "crop_volumes.json", "crop_volume
 
 
 def run(*args: str | Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+    return processes.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_segment_with_jsonl_progress(small_case: Path, tiny_model: Path, tmp_path: Path):
@@ -113,9 +114,9 @@ def test_make_demo_segments_a_given_case(small_case: Path, tiny_model: Path, tmp
     venv = Path(sys.executable).parent.parent
     repo = Path(__file__).resolve().parent.parent
     out = tmp_path / "demo"
-    done = subprocess.run(["make", "-s", "-C", str(repo), "-o", f"{venv}/.installed", "demo", f"VENV={venv}",
+    done = processes.run(["make", "-s", "-C", str(repo), "-o", f"{venv}/.installed", "demo", f"VENV={venv}",
                            f"CASE={small_case}", f"OUT={out}"], capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "KANTUMORSEG_MODEL": str(tiny_model)})
+                         env={**os.environ, "KANTUMORSEG_MODEL": str(tiny_model)})
     assert done.returncode == 0, done.stderr
     assert "Segmented crop on" in done.stdout and "Volumes (mL)" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 import SimpleITK as sitk
 import torch
@@ -29,8 +30,8 @@ PYTHON = sys.executable
 
 
 def run(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "KANTumorSegLib", *(str(a) for a in args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return processes.run([PYTHON, "-m", "KANTumorSegLib", *(str(a) for a in args)], capture_output=True, text=True,
+                         timeout=timeout)
 
 
 def test_every_transform_is_undone():
@@ -166,8 +167,8 @@ def test_a_run_without_confidence_removes_an_old_map_and_existing_maps_are_refus
 def test_the_worker_passes_confidence_through(small_case: Path, shipped_model: Path, tmp_path: Path):
     argv = ["segment", str(small_case), "-o", str(tmp_path), "--device", "cpu", "--progress", "jsonl", "--model",
             str(shipped_model), "--confidence"]
-    done = subprocess.run([PYTHON, "-m", "KANTumorSegLib", "worker"], input=json.dumps({"argv": argv}) + "\n",
-                          capture_output=True, text=True, timeout=600)
+    done = processes.run([PYTHON, "-m", "KANTumorSegLib", "worker"], input=json.dumps({"argv": argv}) + "\n",
+                         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert lines[-1] == '{"event": "exit", "code": 0}', lines[-3:]

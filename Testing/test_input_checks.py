@@ -10,12 +10,12 @@ skull-on T1 scan of ``_nontumor_sanity`` around the case's brain.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 import SimpleITK as sitk
 
@@ -141,9 +141,9 @@ def test_a_head_with_skull_is_not_skull_stripped_through_the_command(brats_sampl
     assert codes(paths) == ["not_skull_stripped"]
     # The command completes, prints the message and records it in volumes.json.
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "KANTumorSegLib", "segment", str(tmp_path / "head"), "-o", str(out),
+    done = processes.run([sys.executable, "-m", "KANTumorSegLib", "segment", str(tmp_path / "head"), "-o", str(out),
                            "--model", str(tiny_model), "--device", "cpu", "--progress", "none"],
-                          capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     recorded = json.loads((out / f"{CASE}_volumes.json").read_text())["warnings"]
     assert [w["code"] for w in recorded] == ["not_skull_stripped"]
@@ -152,9 +152,9 @@ def test_a_head_with_skull_is_not_skull_stripped_through_the_command(brats_sampl
 
 
 def test_a_case_without_problems_records_an_empty_list(small_case: Path, tiny_model: Path, tmp_path: Path):
-    done = subprocess.run([sys.executable, "-m", "KANTumorSegLib", "segment", str(small_case), "-o", str(tmp_path),
+    done = processes.run([sys.executable, "-m", "KANTumorSegLib", "segment", str(small_case), "-o", str(tmp_path),
                            "--model", str(tiny_model), "--device", "cpu", "--progress", "none"],
-                          capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "crop_volumes.json").read_text())["warnings"] == []
     assert "warning" not in done.stderr

@@ -12,12 +12,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 import torch
 
@@ -179,7 +179,7 @@ OOM_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status are Linux's")
 def test_out_of_memory_halves_the_batch_on_a_real_cpu_run() -> None:
-    result = subprocess.run([sys.executable, "-c", OOM_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = processes.run([sys.executable, "-c", OOM_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     labels, batch, equal, warned = (int(v) for v in result.stdout.split()[-4:])
     assert labels >= 3, "the centred random model should predict several labels"

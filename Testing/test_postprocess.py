@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 
 from KANTumorSegLib.postprocess import PostprocessConfig, postprocess
@@ -58,7 +59,6 @@ def test_the_command_applies_the_cards_post_processing(mixed_model: Path, small_
     (the case is on the model grid already: LPS, 1 mm in-plane)."""
     import json
     import shutil
-    import subprocess
     import sys
 
     import nibabel as nib
@@ -74,9 +74,9 @@ def test_the_command_applies_the_cards_post_processing(mixed_model: Path, small_
 
     written = {}
     for name, model in (("raw", mixed_model), ("post", with_post)):
-        done = subprocess.run([sys.executable, "-m", "KANTumorSegLib", "segment", str(small_case), "-o",
+        done = processes.run([sys.executable, "-m", "KANTumorSegLib", "segment", str(small_case), "-o",
                                str(tmp_path / name), "--model", str(model), "--progress", "none"],
-                              capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         image = nib.load(str(tmp_path / name / "crop_seg.nii.gz"))
         written[name] = np.asarray(image.dataobj).astype(np.uint8)

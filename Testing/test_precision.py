@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 
@@ -43,7 +43,7 @@ def test_predictor_runs_the_precision_it_was_given():
 
 
 def _segment(case: Path, model: Path, out: Path, *extra: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "KANTumorSegLib", "segment", str(case), "-o", str(out), "--model", str(model),
+    done = processes.run([sys.executable, "-m", "KANTumorSegLib", "segment", str(case), "-o", str(out), "--model", str(model),
                            "--progress", "none", "--device", "cpu", *extra], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     return json.loads((out / "crop_volumes.json").read_text())["inference"]

@@ -16,12 +16,12 @@ model file, preprocessing, post-processing or label mapping.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import processes
 import pytest
 
 from KANTumorSegLib.weights import default_model_path
@@ -44,7 +44,7 @@ def test_shipped_model_segments_an_unseen_case(case_name: str, brats_samples: Pa
     folder, minimum_dice, most_false_positive_ml = CASES[case_name]
     case = brats_samples / folder
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "KANTumorSegLib", "segment", str(case), "-o", str(out),
+    done = processes.run([sys.executable, "-m", "KANTumorSegLib", "segment", str(case), "-o", str(out),
                            "--progress", "none"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     predicted = np.asarray(nib.load(str(out / f"{case_name}_seg.nii.gz")).dataobj).astype(np.uint8)

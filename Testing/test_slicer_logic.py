@@ -23,6 +23,7 @@ import unittest
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -598,8 +599,13 @@ class SlicerStandIn:
 
 
 @pytest.fixture
-def logic_module(tmp_path, monkeypatch):
-    """KANTumorSeg.py imported against the stand-in, with PythonSlicer = this Python."""
+def logic_module(tmp_path, monkeypatch, ends):
+    """KANTumorSeg.py imported against the stand-in, with PythonSlicer = this Python; every
+    process it launches (runs, workers) is killed with its group when the test ends."""
+    from KANTumorSegLib import slicer_support
+
+    launch = slicer_support.launch
+    monkeypatch.setattr(slicer_support, "launch", lambda *args, **kwargs: ends(launch(*args, **kwargs)))
     standin = SlicerStandIn(tmp_path)
     for name, module in standin.modules().items():
         monkeypatch.setitem(sys.modules, name, module)
@@ -1065,13 +1071,12 @@ def _completed_files(case: Path, model: Path, out: Path, confidence: bool) -> di
     """The files a run writes, from the real command; with ``confidence`` they are completed
     as issue 14's contract says the command writes them (its --confidence is another engineer's
     work): a confidence map, ranges in the regions and warnings."""
-    import subprocess
 
     import SimpleITK as sitk
 
     command = [sys.executable, "-m", "KANTumorSegLib", "segment", str(case), "-o", str(out), "--device", "cpu",
                "--model", str(model), "--progress", "jsonl"]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=True)
+    done = processes.run(command, capture_output=True, text=True, cwd=REPO, check=True)
     files = json.loads(done.stdout.strip().splitlines()[-1])["files"]
     if confidence:
         volumes = json.loads(Path(files["volumes_json"]).read_text())

@@ -22,6 +22,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 
 from KANTumorSegLib import slicer_support
@@ -224,7 +225,6 @@ def test_extension_builds_and_installs_the_library_beside_its_model(tiny_model, 
     CMake package (Testing/slicer_cmake_standin, which places files as Slicer's macros do),
     with a tiny model standing in for the shipped one; then the installed KANTumorSegLib,
     imported from the scripted-modules folder, must find and verify that model by default."""
-    import subprocess
 
     source = tmp_path / "source"
     source.mkdir()
@@ -239,7 +239,7 @@ def test_extension_builds_and_installs_the_library_beside_its_model(tiny_model, 
     standin = REPO / "Testing" / "slicer_cmake_standin"
     for command in (["cmake", "-S", str(source), "-B", str(build), f"-DSlicer_DIR={standin}"],
                     ["cmake", "--install", str(build), "--prefix", str(install)]):
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = processes.run(command, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
     assert (build / "standin-modules.txt").read_text() == "KANTumorSeg generic_tests=TRUE\n"
     assert (build / "standin-tests.txt").read_text() == "KANTumorSeg.py\n"
@@ -256,7 +256,7 @@ def test_extension_builds_and_installs_the_library_beside_its_model(tiny_model, 
              "print(json.dumps([KANTumorSegLib.__file__, str(default_model_path()), read_card(default_model_path())['name']]))")
     environment = {k: v for k, v in os.environ.items() if k != "KANTUMORSEG_MODEL"}
     environment["PYTHONPATH"] = str(modules)
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=environment)
+    result = processes.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=environment)
     assert result.returncode == 0, result.stderr
     package_file, model_path, name = json.loads(result.stdout)
     assert Path(package_file) == modules / "KANTumorSegLib" / "__init__.py"
@@ -287,10 +287,9 @@ def test_icon_is_a_128_pixel_png_and_license_is_apache():
 
 
 def test_slicer_support_imports_no_numerical_package():
-    import subprocess
 
     probe = "import sys, KANTumorSegLib.slicer_support; print(sorted(m for m in ('numpy', 'torch', 'SimpleITK') if m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    result = processes.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
     assert result.stdout.strip() == "[]"
 
 
@@ -409,7 +408,7 @@ def _export_like_slicer(case_dir: Path, out: Path) -> dict[str, Path]:
     return files
 
 
-def test_the_logic_command_runs_for_real_and_writes_an_editable_segmentation(cropped_case, mixed_model, tmp_path):
+def test_the_logic_command_runs_for_real_and_writes_an_editable_segmentation(cropped_case, mixed_model, tmp_path, ends):
     """The exact command the Logic launches, with this machine's Python for PythonSlicer,
     on a real BraTS case (30 axial slices of BraTS20_Training_001) and a random-weights
     base-width-4 model: its progress lines, final line and .seg.nrrd as Slicer reads them."""
@@ -419,7 +418,7 @@ def test_the_logic_command_runs_for_real_and_writes_an_editable_segmentation(cro
     inputs = _export_like_slicer(cropped_case, tmp_path / "inputs")
     command = _command(tmp_path, inputs, mixed_model)
     environment = {**os.environ, **slicer_support.child_environment(os.environ)}
-    process = slicer_support.launch(command, environment, slicer_support.library_parent())
+    process = ends(slicer_support.launch(command, environment, slicer_support.library_parent()))
     parsed = [slicer_support.parse_output_line(line) for line in process.stdout]
     assert process.wait(timeout=300) == 0, [p.text for p in parsed]
 
@@ -454,10 +453,10 @@ def test_the_logic_command_runs_for_real_and_writes_an_editable_segmentation(cro
     assert [(r["name"], r["voxels"]) for r in measured] == [(r["name"], r["voxels"]) for r in written]
 
 
-def test_an_error_reaches_the_module_as_the_commands_own_sentence(cropped_case, tiny_model, tmp_path):
+def test_an_error_reaches_the_module_as_the_commands_own_sentence(cropped_case, tiny_model, tmp_path, ends):
     inputs = _export_like_slicer(cropped_case, tmp_path / "inputs")
     inputs["t2"] = tmp_path / "inputs" / "missing_t2.nrrd"
-    process = slicer_support.launch(_command(tmp_path, inputs, tiny_model), os.environ, slicer_support.library_parent())
+    process = ends(slicer_support.launch(_command(tmp_path, inputs, tiny_model), os.environ, slicer_support.library_parent()))
     parsed = [slicer_support.parse_output_line(line) for line in process.stdout]
     code = process.wait(timeout=120)
     errors = [p.text for p in parsed if p.kind == "error"]
@@ -468,14 +467,14 @@ def test_an_error_reaches_the_module_as_the_commands_own_sentence(cropped_case, 
 
 
 @pytest.mark.skipif(os.name == "nt", reason="process groups are POSIX; Windows uses taskkill /T")
-def test_cancel_stops_the_launcher_and_the_python_it_started(cropped_case, tiny_model, tmp_path):
+def test_cancel_stops_the_launcher_and_the_python_it_started(cropped_case, tiny_model, tmp_path, ends):
     """PythonSlicer is a launcher that starts the real Python: a stand-in launcher starts the
     command as its child and prints the child's pid; cancelling must stop both and leave
     no output."""
     inputs = _export_like_slicer(cropped_case, tmp_path / "inputs")
     launcher = "import subprocess, sys; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); sys.exit(p.wait())"
     command = [sys.executable, "-c", launcher, *_command(tmp_path, inputs, tiny_model)]
-    process = slicer_support.launch(command, os.environ, slicer_support.library_parent())
+    process = ends(slicer_support.launch(command, os.environ, slicer_support.library_parent()))
     child = int(process.stdout.readline())
     for line in process.stdout:
         if slicer_support.parse_output_line(line).kind == "progress":

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import processes
+
 REPO = Path(__file__).resolve().parent.parent
 SHIP4 = REPO / "Training" / "experiments" / "h200_round4" / "ship4"
 
@@ -22,8 +24,8 @@ def report(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         (runs / "ship4").symlink_to(SHIP4)
     # Run from tmp_path: the old default (docs/figures, relative) would show up there.
     env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, "-m", "Training", "report", str(runs), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return processes.run([sys.executable, "-m", "Training", "report", str(runs), *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
 
 
 def test_tables_only_write_no_figures(tmp_path: Path) -> None:

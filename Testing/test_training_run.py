@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 
 BIN = Path(sys.executable).parent
@@ -16,7 +17,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "Training" / "configs"
 
 
 def run(*args, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+    return processes.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
 
 
 def tiny_overrides(samples: Path, tmp: Path, epochs: int) -> list[str]:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 import SimpleITK as sitk
 
@@ -47,8 +48,8 @@ def through_worker(worker: slicer_support.Worker, argv: list[str]) -> tuple[int,
 
 
 def plain_command(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "KANTumorSegLib", *argv], capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+    return processes.run([sys.executable, "-m", "KANTumorSegLib", *argv], capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
 
 
 def labels(path: Path) -> np.ndarray:
@@ -132,8 +133,8 @@ def test_a_failed_request_is_the_commands_failure_and_the_worker_goes_on(worker,
 def test_the_protocol_refuses_other_requests_and_ends_at_the_end_of_its_input():
     # Raw stdin and stdout, as a client other than slicer_support would see them.
     requests = "\n".join(['{"ping": true}', '{"argv": ["info"]}', "not json", '{"argv": "segment"}', ""])
-    done = subprocess.run([sys.executable, "-m", "KANTumorSegLib", "worker"], input=requests, capture_output=True,
-                          text=True, timeout=60, cwd=REPO)
+    done = processes.run([sys.executable, "-m", "KANTumorSegLib", "worker"], input=requests, capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ['{"event": "pong"}'] + ['{"event": "exit", "code": 2}'] * 3
     errors = done.stderr.splitlines()
@@ -189,7 +190,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the launcher's child through /proc (Linux)")
 def test_through_a_launcher_requests_run_and_stop_reaches_the_python_it_started(small_case: Path, cropped_case: Path,
-                                                                                 tiny_model: Path, tmp_path: Path):
+                                                                                 tiny_model: Path, tmp_path: Path, ends):
     """PythonSlicer is a launcher that starts the real Python as its child, passing its stdin
     and stdout on: a stand-in launcher does the same. Requests must reach the worker, and both
     ways of stopping it (closing its input, SIGTERM during a run) must end the child too."""
@@ -201,6 +202,7 @@ def test_through_a_launcher_requests_run_and_stop_reaches_the_python_it_started(
 
     idle = slicer_support.Worker(launcher, environment)
     idle.start()
+    ends(idle.process)
     [child] = _children(idle.process.pid)
     assert through_worker(idle, request(small_case, tmp_path / "out", tiny_model))[0] == 0
     idle.stop()
@@ -208,6 +210,7 @@ def test_through_a_launcher_requests_run_and_stop_reaches_the_python_it_started(
 
     busy = slicer_support.Worker(launcher, environment)
     busy.start()
+    ends(busy.process)
     [child] = _children(busy.process.pid)
     run = busy.submit(request(cropped_case, tmp_path / "cancelled", tiny_model, "--batch-size", "2"))
     for line in run.stdout:
