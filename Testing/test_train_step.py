@@ -79,37 +79,12 @@ def test_affine_bias_and_noise_give_inputs_preprocessing_could_make():
     assert not torch.equal(out_y, labels)  # the geometry did change
 
 
-def test_the_epochs_are_fitted_to_the_budget_and_the_cosine_cycle_ends_there():
-    """train.budget_s: after the second epoch the run plans what fits at that speed, and the one
-    cosine cycle reaches eta_min on its last planned epoch instead of being cut at a high rate."""
-    import time
+def test_a_budget_run_anneals_by_the_clock():
+    """train.budget_s: one cosine cycle over the budget's seconds, whatever the epochs' speed."""
+    from Training.train import budget_learning_rate
 
-    import torch
-
-    from Training.train import fit_epochs_to_budget
-
-    cfg = {"epochs": 400, "t0_epochs": 400, "budget_s": 100.0}
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=400, eta_min=1e-6)
-    scheduler.step()
-    scheduler.step()
-
-    class Bar:
-        total = 400
-
-    # Two epochs took 19.5 s of the 100, the last 10 s: eight more fit, ten in all.
-    fit_epochs_to_budget(cfg, scheduler, 1, 10.0, time.perf_counter() - 19.5, Bar)
-    assert cfg["epochs"] == cfg["t0_epochs"] == Bar.total == 10
-    rates = []
-    for _ in range(8):
-        rates.append(optimizer.param_groups[0]["lr"])
-        scheduler.step()
-    assert rates == sorted(rates, reverse=True) and rates[-1] < 1e-4
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # epoch 10 would start a new cycle
-    # Never more than configured, and a schedule of several cycles is left alone.
-    cfg = {"epochs": 5, "t0_epochs": 5, "budget_s": 1000.0}
-    fit_epochs_to_budget(cfg, scheduler, 1, 1.0, time.perf_counter(), Bar)
-    assert cfg["epochs"] == 5
-    cfg = {"epochs": 100, "t0_epochs": 10, "budget_s": 10.0}
-    fit_epochs_to_budget(cfg, scheduler, 1, 5.0, time.perf_counter(), Bar)
-    assert cfg["epochs"] == 100
+    cfg = {"lr": 1e-3, "eta_min": 1e-6, "budget_s": 300.0}
+    rates = [budget_learning_rate(cfg, t) for t in (0.0, 75.0, 150.0, 225.0, 300.0, 400.0)]
+    assert rates[0] == pytest.approx(1e-3) and rates[2] == pytest.approx((1e-3 + 1e-6) / 2)
+    assert rates[4] == rates[5] == pytest.approx(1e-6)
+    assert rates == sorted(rates, reverse=True)

@@ -75,8 +75,9 @@ DEFAULTS: dict = {
         # of the 3D validation patients (case3d).
         "select": "best",
         "select_metric": "slice",
-        # Seconds the run may train: after its second epoch, train.epochs (one cosine cycle) is cut
-        # to what fits at that speed. 0: the configured epochs.
+        # Seconds the run may train (one device call): the learning rate follows one cosine cycle
+        # over these seconds instead of the epoch schedule, and the run stops before an epoch would
+        # overrun them (train.epochs stays the upper bound). 0: the epoch schedule. Not resumable.
         "budget_s": 0,
         "amp": True,
         # torch.compile the network for training on CUDA (fuses the basis expansion's elementwise
