@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 from KANTumorSegLib.inference import SlicePredictor, choose_precision, native_cpu_bf16, segment_volume  # noqa: E402
 from KANTumorSegLib.kan_layers import FastKANConv2d, GaussianRBF  # noqa: E402
 from KANTumorSegLib.labels import REGIONS, region_mask  # noqa: E402
-from KANTumorSegLib.preprocessing import PreprocessingConfig, paste, preprocess_slice  # noqa: E402
+from KANTumorSegLib.preprocessing import PreprocessingConfig, intensity_ranges, paste, preprocess_slice  # noqa: E402
 from KANTumorSegLib.unet import KANUNet2D, ModelConfig, decode_logits  # noqa: E402
 from KANTumorSegLib.weights import card_path, read_card  # noqa: E402
 from Training.metrics import dice  # noqa: E402
@@ -234,10 +234,12 @@ def read_volume(name: str):
 
 
 def brain_slices(volume: np.ndarray, config: PreprocessingConfig) -> tuple[np.ndarray, list]:
-    """The reference preprocessing: (N, 4, 224, 224) crops of the brain slices and their boxes."""
+    """The reference preprocessing: (N, 4, 224, 224) crops of the brain slices and their boxes
+    (with "volume" scaling, by the whole volume's ranges, as segment_volume does)."""
     inputs, boxes = [], []
+    ranges = intensity_ranges(volume, config) if config.intensity_range == "volume" else None
     for z in range(volume.shape[3]):
-        prepared = preprocess_slice(volume[..., z], config)
+        prepared = preprocess_slice(volume[..., z], config, ranges)
         if prepared is not None:
             inputs.append(prepared[0])
             boxes.append((z, prepared[1]))
@@ -385,10 +387,10 @@ def save_weights(model: KANUNet2D, folder: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- accuracy
-def reference_labels(model: KANUNet2D, volume: np.ndarray, device: torch.device) -> np.ndarray:
+def reference_labels(model: KANUNet2D, volume: np.ndarray, device: torch.device,
+                     config: PreprocessingConfig) -> np.ndarray:
     """Labels of the float32 reference: the two-branch formula on every 224 brain crop (TF32 off)."""
     reference = reference_model(model.cpu()).to(device)
-    config = PreprocessingConfig()
     inputs, boxes = brain_slices(volume, config)
     labels = np.zeros(volume.shape[1:], dtype=np.uint8)
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -403,19 +405,21 @@ def reference_labels(model: KANUNet2D, volume: np.ndarray, device: torch.device)
 
 
 def accuracy(model: KANUNet2D, device: torch.device, cases: list[str], cpu_bf16: bool = False,
-             command_precision: str = "float32") -> list[dict]:
+             command_precision: str = "float32", config: PreprocessingConfig | None = None) -> list[dict]:
     """Dice per region between the reference and the library's path in float32 and in bf16
     (on CUDA always; on the CPU when asked or when the command uses it for this model).
-    ``command_path`` marks the precision the command itself uses: only its row must pass."""
+    ``command_path`` marks the precision the command itself uses: only its row must pass.
+    ``config``: the model card's preprocessing (default: the study's)."""
+    config = config or PreprocessingConfig()
     rows = []
     for name in cases:
         volume, _ = read_volume(name)
         brain = brain_of(volume)
-        expected = reference_labels(model, volume, device)
+        expected = reference_labels(model, volume, device, config)
         variants = ["float32"] + (["bfloat16"] if device.type == "cuda" or cpu_bf16 or command_precision == "bfloat16" else [])
         for variant in variants:
             predictor = SlicePredictor(model, device, precision=variant)
-            got = segment_volume(volume, predictor, PreprocessingConfig())
+            got = segment_volume(volume, predictor, config)
             dtype = predictor.precision
             if device.type == "cuda" and predictor.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
                 dtype += " (cuDNN TF32)"
@@ -573,6 +577,12 @@ def main(argv: list[str] | None = None) -> int:
     trained = next((m for k, m in models.items() if k.endswith("(trained)")), None)
     # Read (and checksum) the card once, not inside the timed segment_volume calls.
     trained_precision = choose_precision("auto", device, read_card(args.model)) if trained is not None else "float32"
+    trained_preprocessing = (PreprocessingConfig.from_dict(read_card(args.model)["preprocessing"]) if trained is not None
+                             else PreprocessingConfig())
+
+    def preprocessing_of(model: nn.Module) -> PreprocessingConfig:
+        """The trained model's card says how its inputs are scaled; the random networks take the default."""
+        return trained_preprocessing if model is trained else PreprocessingConfig()
 
     def precision_of(model: nn.Module) -> str:
         """The command's --precision auto for this model: the trained model's card may allow
@@ -608,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if isinstance(model, KANUNet2D):
                 row["segment_s"], _ = timed(lambda m=model: segment_volume(
-                    volume, SlicePredictor(m, device, args.batch, precision_of(m)), PreprocessingConfig()), device, args.repeats)
+                    volume, SlicePredictor(m, device, args.batch, precision_of(m)), preprocessing_of(m)), device, args.repeats)
             if isinstance(model, KANUNet2D) and model.config.conv == "kan" and model.config.base_width in args.before:
                 run, _ = model_alone_2d(model, inputs, device, args.batch, before=True)
                 row["before_model_s"], row["before_model_peak_gib"] = timed(run, device, args.repeats)
@@ -654,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.accuracy_widths is not None and m.config.base_width not in args.accuracy_widths:
             continue
         try:
-            checked = accuracy(m, device, args.accuracy_cases, args.try_cpu_bf16, precision_of(m))
+            checked = accuracy(m, device, args.accuracy_cases, args.try_cpu_bf16, precision_of(m), preprocessing_of(m))
             report["accuracy"] += [dict(width=m.config.base_width, **row) for row in checked]
         except Exception as error:  # noqa: BLE001 - keep the timing tables
             print(f"accuracy check of width {m.config.base_width} failed: {type(error).__name__}: {error}", flush=True)

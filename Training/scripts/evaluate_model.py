@@ -6,8 +6,9 @@ post-processing thresholds swept on the same raw predictions.
 ``--cases val`` (the shipped recipe's 3D validation patients) chooses the post-processing: among
 the (min_component_ml, et_min_ml) pairs within 0.001 of the highest per-case 3D mean Dice, the
 smallest thresholds (a larger one would drop satellite lesions that validation never showed).
-Where every ET threshold scores the same (validation patients whose enhancing tumour is far
-above them cannot tell), the ET rule takes ET_LITERATURE_ML instead of switching off.
+Where ET_LITERATURE_ML ties with the best ET threshold (validation patients whose enhancing tumour
+is far above the thresholds, or absent, cannot tell them apart), the ET rule takes it instead of
+switching off: on a patient without enhancing tumour a few invented voxels cost the whole ET Dice.
 
 ``--cases test`` reports the test patients, before and after the post-processing in the model
 card (or ``--post A,B``); test figures never choose anything. On 2 CPU cores in bfloat16,
@@ -92,8 +93,10 @@ def choose(predictions: dict) -> tuple[PostprocessConfig, list[dict]]:
     close = [s for s in sweep if s["volume_3d_mean"] >= best - 0.001]
     chosen = min(close, key=lambda s: (s["postprocessing"]["min_component_ml"], s["postprocessing"]["et_min_ml"]))
     component = chosen["postprocessing"]["min_component_ml"]
-    et_scores = {s["volume_3d_mean"] for s in sweep if s["postprocessing"]["min_component_ml"] == component}
-    et_min = ET_LITERATURE_ML if len(et_scores) == 1 else chosen["postprocessing"]["et_min_ml"]
+    row = {s["postprocessing"]["et_min_ml"]: s["volume_3d_mean"] for s in sweep
+           if s["postprocessing"]["min_component_ml"] == component}
+    tied = [et for et, score in row.items() if score >= max(row.values()) - 0.001]
+    et_min = ET_LITERATURE_ML if ET_LITERATURE_ML in tied else chosen["postprocessing"]["et_min_ml"]
     return PostprocessConfig(component, et_min), sweep
 
 
