@@ -472,7 +472,7 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         settings.setValue(SETTINGS_PREFIX + "LastCsvFolder", os.path.dirname(path))
         with slicer.util.tryWithErrorDisplay(_("Could not write the CSV file."), waitCursor=True):
-            self.logic.exportCsv(self._parameterNode.volumeTable, path)
+            self.logic.exportCsv(self._parameterNode.volumeTable, path, self._notes)
             self.addLog(_("Volumes written to {path}").format(path=path))
 
     def onEditInSegmentEditor(self) -> None:
@@ -943,16 +943,13 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
                     "vtkMRMLSegmentationNode", _("{name} tumour").format(name=reference.GetName()))
             segmentationNode.GetSegmentation().DeepCopy(loaded.GetSegmentation())
         finally:
-            slicer.mrmlScene.RemoveNode(loaded)
+            KANTumorSegLogic._removeWithDisplayNodes(loaded)
         task.outputSegmentation = segmentationNode
         segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(), reference.GetID())
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(reference)
 
-        # Place the segmentation in the study of its input volume.
-        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        studyItem = shNode.GetItemParent(shNode.GetItemByDataNode(reference))
-        shNode.SetItemParent(shNode.GetItemByDataNode(segmentationNode), studyItem)
+        self._placeBeside(segmentationNode, reference)
 
         task.partsNote = parts_sentence(written["whole_tumour_parts"])
         task.notes = slicer_support.result_notes(written)
@@ -969,6 +966,32 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             slicer.util.setSliceViewerLayers(background=reference, fit=True)
 
     @staticmethod
+    def _placeBeside(node, reference) -> None:
+        """Put ``node`` under the subject hierarchy parent of ``reference`` (the T1ce's study, when it
+        has one). A reference without an item (ID 0: no subject hierarchy plugin made one) has no
+        parent to share; the subject hierarchy would reject the call with a warning."""
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        invalid = slicer.vtkMRMLSubjectHierarchyNode.GetInvalidItemID()
+        referenceItem = shNode.GetItemByDataNode(reference)
+        if referenceItem == invalid:
+            return
+        parentItem = shNode.GetItemParent(referenceItem)
+        item = shNode.GetItemByDataNode(node)
+        if item == invalid:
+            shNode.CreateItem(parentItem, node)
+        else:
+            shNode.SetItemParent(item, parentItem)
+
+    @staticmethod
+    def _removeWithDisplayNodes(node) -> None:
+        """Remove a temporary node and the display nodes reading it made: the scene keeps a removed
+        node's display nodes, which would be saved with it."""
+        displayNodes = [node.GetNthDisplayNode(index) for index in range(node.GetNumberOfDisplayNodes())]
+        slicer.mrmlScene.RemoveNode(node)
+        for displayNode in displayNodes:
+            slicer.mrmlScene.RemoveNode(displayNode)
+
+    @staticmethod
     def _readSegmentation(path: str):
         """A new segmentation node read from a .seg.nrrd (with a temporary storage node, as
         SlicerMONAIAuto3DSeg reads its result); names, colours and terminology come from the file."""
@@ -979,7 +1002,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             if not storageNode.ReadData(loaded):
                 raise RuntimeError(_("{path} could not be read.").format(path=path))
         except Exception:
-            slicer.mrmlScene.RemoveNode(loaded)
+            KANTumorSegLogic._removeWithDisplayNodes(loaded)
             raise
         finally:
             slicer.mrmlScene.RemoveNode(storageNode)
@@ -1018,6 +1041,50 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         found = segmentation.GetSegmentIdBySegmentName(name)
         return found or None
 
+    @staticmethod
+    def _referenceGeometry(referenceVolume):
+        """An image without voxels on the reference volume's grid (origin, spacing, axes, extent)."""
+        geometry = slicer.vtkOrientedImageData()
+        ijkToRas = vtk.vtkMatrix4x4()
+        referenceVolume.GetIJKToRASMatrix(ijkToRas)
+        geometry.SetImageToWorldMatrix(ijkToRas)
+        geometry.SetExtent(referenceVolume.GetImageData().GetExtent())
+        return geometry
+
+    @classmethod
+    def segmentArray(cls, segmentationNode, segmentId: str, referenceVolume):
+        """A segment as a uint8 numpy mask (k, j, i) on the reference volume's grid, a copy.
+
+        Read from the segmentation's binary labelmaps (a layer may hold several segments, so the
+        segment is picked by its own label) with no node added to the scene:
+        slicer.util.arrayFromSegmentBinaryLabelmap goes through a temporary labelmap volume whose
+        display node stays in the scene, one more at every volume update."""
+        from vtk.util import numpy_support
+
+        segmentIds = vtk.vtkStringArray()
+        segmentIds.InsertNextValue(segmentId)
+        labelmap = slicer.vtkOrientedImageData()
+        if not segmentationNode.GenerateMergedLabelmapForAllSegments(
+                labelmap, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, cls._referenceGeometry(referenceVolume), segmentIds):
+            raise RuntimeError(_("The segment {segment} could not be read.").format(segment=segmentId))
+        voxels = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
+        return (voxels.reshape(labelmap.GetDimensions()[::-1]) > 0).astype("uint8")
+
+    @classmethod
+    def setSegmentArray(cls, mask, segmentationNode, segmentId: str, referenceVolume) -> None:
+        """Replace a segment's voxels by a numpy mask (k, j, i) on the reference volume's grid, as
+        Segment Editor's effects write them (vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment:
+        a segment that would overwrite another one of its layer moves to a layer of its own);
+        no node is added to the scene, unlike slicer.util.updateSegmentBinaryLabelmapFromArray."""
+        from vtk.util import numpy_support
+
+        labelmap = cls._referenceGeometry(referenceVolume)
+        voxels = (mask > 0).astype("uint8").ravel()
+        labelmap.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        if not logic.SetBinaryLabelmapToSegment(labelmap, segmentationNode, segmentId, logic.MODE_REPLACE):
+            raise RuntimeError(_("The segment {segment} could not be written.").format(segment=segmentId))
+
     def classMasks(self, segmentationNode, referenceVolume) -> dict:
         """NCR, ED and ET as numpy masks on the reference volume's grid (None when absent)."""
         from KANTumorSegLib.labels import SEGMENTS
@@ -1025,8 +1092,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         masks = {}
         for segment in SEGMENTS:
             segmentId = self._segmentId(segmentationNode, segment.id, segment.name)
-            masks[segment.id] = (slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolume)
-                                 if segmentId else None)
+            masks[segment.id] = self.segmentArray(segmentationNode, segmentId, referenceVolume) if segmentId else None
         if all(mask is None for mask in masks.values()):
             raise ValueError(_("The segmentation has none of the segments NCR, ED and ET."))
         return masks
@@ -1050,7 +1116,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
                 segmentation.AddEmptySegment(segmentId, name, color)
                 segment = segmentation.GetSegment(segmentId)
                 segment.SetTag(segment.GetTerminologyEntryTagName(), region_terminology_entry())
-            slicer.util.updateSegmentBinaryLabelmapFromArray(masks[segmentId], regionsNode, segmentId, referenceVolume)
+            self.setSegmentArray(masks[segmentId], regionsNode, segmentId, referenceVolume)
         return regionsNode
 
     def updateVolumeTable(self, segmentationNode, referenceVolume, tableNode=None, notes=None):
@@ -1106,8 +1172,10 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             qt.QTimer.singleShot(self.EDIT_DEBOUNCE_MS,
                                  lambda: self._followed is state and state["generation"] == generation and callback())
 
-        for event in (slicer.vtkSegmentation.SourceRepresentationModified, slicer.vtkSegmentation.SegmentAdded,
-                      slicer.vtkSegmentation.SegmentRemoved):
+        # Painting fires SourceRepresentationModified; clearing a segment (Segment Editor's Clear,
+        # vtkSlicerSegmentationsModuleLogic.ClearSegment) fires only SegmentModified.
+        for event in (slicer.vtkSegmentation.SourceRepresentationModified, slicer.vtkSegmentation.SegmentModified,
+                      slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved):
             state["tags"].append(segmentation.AddObserver(event, onEdit))
         self._followed = state
 
@@ -1118,14 +1186,23 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             self._followed = None
 
     @staticmethod
-    def exportCsv(tableNode, path: str) -> None:
-        """Write the volume table as CSV (region, description, voxels, volume_ml), as the command does."""
+    def exportCsv(tableNode, path: str, notes=None) -> None:
+        """Write the volume table as CSV, as the command writes its own: region, description, voxels,
+        volume_ml, and the range_low_ml, range_high_ml columns when ``notes`` (the run's ResultNotes)
+        has ranges, filled for the regions the edits left as the command measured them. Numbers are
+        read as numbers: a table cell's text has 6 significant digits (141.7223 mL reads 141.722)."""
         from KANTumorSegLib.measurements import volumes_csv
+        from KANTumorSegLib.slicer_support import TABLE_COLUMNS, current_ranges
 
-        rows = []
-        for index in range(tableNode.GetNumberOfRows()):
-            rows.append({"name": tableNode.GetCellText(index, 0), "description": tableNode.GetCellText(index, 1),
-                         "volume_ml": float(tableNode.GetCellText(index, 2)), "voxels": int(tableNode.GetCellText(index, 3))})
+        table = tableNode.GetTable()
+        names, descriptions, volumes, voxels = (table.GetColumnByName(column) for column in TABLE_COLUMNS[:4])
+        rows = [{"name": names.GetValue(row), "description": descriptions.GetValue(row),
+                 "volume_ml": float(volumes.GetValue(row)), "voxels": int(voxels.GetValue(row))}
+                for row in range(tableNode.GetNumberOfRows())]
+        if notes is not None and notes.ranges:
+            ranges = current_ranges(notes, rows)
+            for row in rows:
+                row["range_ml"] = ranges.get(row["name"])
         with open(path, "w", encoding="utf-8") as stream:
             stream.write(volumes_csv({"regions": rows}))
 
@@ -1146,9 +1223,9 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
 class KANTumorSegTest(ScriptedLoadableModuleTest):
     """Runs in Slicer (Reload and Test, or ctest) with nothing to set up: segments the synthetic
     phantom KANTumorSegLib makes, through the worker, with the region segments; checks the
-    volume table against the command's own volumes and against Segment Statistics; then erases
+    volume table against the command's own volumes and against Segment Statistics; then clears
     a segment as a user would and checks that the regions and volumes follow the edit.
-    Testing/test_slicer_logic.py runs it outside Slicer through its Slicer stand-in."""
+    Testing/test_slicer_logic.py runs it outside Slicer on Slicer's own scene and logic (slicer-core)."""
 
     PHANTOM_SHAPE = (160, 160, 32)
     """Voxels of the phantom: small enough for a CPU in seconds; the shipped model finds all three classes in it."""
@@ -1190,12 +1267,10 @@ class KANTumorSegTest(ScriptedLoadableModuleTest):
             for segmentId, volumeMl in self._segmentStatisticsVolumes(node, nodes["t1ce"]).items():
                 self.assertAlmostEqual(volumeMl, before[segmentId][0], places=3, msg=segmentId)
 
-        self.delayDisplay("Erasing the enhancing tumour, as in Segment Editor")
+        self.delayDisplay("Clearing the enhancing tumour, as Segment Editor's Clear does")
         followed = []
         logic.followEdits(segmentationNode, lambda: followed.append(True))
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, "ET", nodes["t1ce"])
-        mask[:] = 0
-        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentationNode, "ET", nodes["t1ce"])
+        slicer.vtkSlicerSegmentationsModuleLogic.ClearSegment(segmentationNode, "ET")
         deadline = time.monotonic() + 10
         while not followed and time.monotonic() < deadline:
             slicer.app.processEvents()

@@ -5,8 +5,8 @@ Slicer/Qt/VTK and the standard library at file scope, uses only widgets its .ui 
 the CMake lists are checked against the files they must ship, and the pure parts in
 KANTumorSegLib.slicer_support are run for real: the exact command line the Logic builds is
 launched with this machine's Python (standing in for PythonSlicer) on a real BraTS case,
-and cancelling stops a real process tree. KANTumorSegTest inside KANTumorSeg.py covers
-the Slicer side and runs in Slicer only.
+and cancelling stops a real process tree. The Slicer side (the Logic and KANTumorSegTest)
+runs on Slicer's own scene and logic in Testing/test_slicer_logic.py.
 """
 
 from __future__ import annotations
