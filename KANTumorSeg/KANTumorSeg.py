@@ -277,7 +277,7 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def autoAssignInputs(self) -> None:
         """Fill empty input selectors with loaded volumes whose names denote a modality."""
-        from KANTumorSegLib.slicer_support import match_volume_names
+        from KANTumorSegLib.slicer_inputs import match_volume_names
 
         if self._parameterNode is None:
             return
@@ -314,7 +314,7 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateApplyButton()
 
     def _updateApplyButton(self) -> None:
-        from KANTumorSegLib.slicer_support import MODALITY_TITLES, input_problems
+        from KANTumorSegLib.slicer_inputs import MODALITY_TITLES, input_problems
 
         if self._task is not None:
             self.ui.applyButton.text = _("Cancel")
@@ -348,7 +348,7 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onWorkerReady(self, device: Optional[str]) -> None:
         """The warm-up has finished on ``device``: the Confidence option starts on where it is
         cheap (a CUDA GPU), unless the user has chosen."""
-        from KANTumorSegLib.slicer_support import confidence_by_default
+        from KANTumorSegLib.slicer_results import confidence_by_default
 
         self.addLog(_("Background worker ready ({device}).").format(device=device) if device else
                     _("The background worker did not warm up; the first run will start it."))
@@ -490,7 +490,7 @@ class SegmentationTask:
     status: "running", then "completed", "failed" or "cancelled"; message: the user-facing
     reason of a failure (the command's own ``kantumorseg: error:`` sentence when it gave one);
     partsNote: the command's sentence on a whole tumour in several parts (None for one part);
-    notes: the warnings and volume ranges of its volumes file (slicer_support.ResultNotes);
+    notes: the warnings and volume ranges of its volumes file (slicer_results.ResultNotes);
     outputSegmentation, regionsSegmentation, volumeTable, confidenceVolume: the nodes it
     filled, created only when the run succeeds (None given: a new one).
     """
@@ -556,7 +556,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def requirements() -> list:
         """(distribution, minimum version, line) of the module's one requirements list."""
-        from KANTumorSegLib.slicer_support import read_requirements
+        from KANTumorSegLib.slicer_requirements import read_requirements
 
         return read_requirements(os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", REQUIREMENTS_FILE))
 
@@ -568,7 +568,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         segmentation runs in a child process."""
         if self._requirementsChecked:
             return
-        from KANTumorSegLib.slicer_support import installed_version, unmet_requirements
+        from KANTumorSegLib.slicer_requirements import installed_version, unmet_requirements
 
         requirements = self.requirements()
         torchRequirement = next(r for r in requirements if r[0] == "torch")
@@ -653,13 +653,13 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _childProcess() -> tuple:
         """(PythonSlicer, environment) of the command and the worker."""
-        from KANTumorSegLib import slicer_support
+        from KANTumorSegLib import slicer_command
 
         pythonSlicer = shutil.which("PythonSlicer")
         if not pythonSlicer:
             raise RuntimeError(_("PythonSlicer was not found next to 3D Slicer; reinstall 3D Slicer."))
         environment = slicer.util.startupEnvironment()
-        environment.update(slicer_support.child_environment(environment))
+        environment.update(slicer_command.child_environment(environment))
         return pythonSlicer, environment
 
     def warmUp(self, device: str = "auto", model: Optional[str] = None, readyCallback=None) -> None:
@@ -668,18 +668,18 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         Nothing happens when a worker already runs or starts, or torch is not installed yet.
         ``readyCallback(device)`` is called on the main thread when the warm-up has finished,
         with the device it ran on (None when the worker did not start)."""
-        from KANTumorSegLib import slicer_support
+        from KANTumorSegLib import slicer_command, slicer_process, slicer_requirements
 
         if self._workerStart is not None and (not self._workerStart.done() or self._workerUsable()):
             return
-        if slicer_support.unmet_requirements(self.requirements(), slicer_support.installed_version):
+        if slicer_requirements.unmet_requirements(self.requirements(), slicer_requirements.installed_version):
             return
         pythonSlicer, environment = self._childProcess()
         self.stopWorker()
         scratch = slicer.util.tempDirectory("KANTumorSegWarmUp")
-        warmup = (lambda: slicer_support.warmup_request(scratch, device, self.modelPath(model)), scratch)
-        self._worker = slicer_support.Worker(pythonSlicer, environment, slicer_support.library_parent())
-        self._workerStart = slicer_support.BackgroundStart(self._worker, warmup)
+        warmup = (lambda: slicer_process.warmup_request(scratch, device, self.modelPath(model)), scratch)
+        self._worker = slicer_process.Worker(pythonSlicer, environment, slicer_command.library_parent())
+        self._workerStart = slicer_process.BackgroundStart(self._worker, warmup)
         if readyCallback:
             self._whenWorkerReady(self._workerStart, readyCallback)
 
@@ -696,7 +696,8 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         """The worker's BackgroundStart this run should wait for (a worker started, starting or
         warming up for this PythonSlicer and environment; a new one when there is none), or None
         when the run must get its own process (the worker is busy with another run)."""
-        from KANTumorSegLib.slicer_support import BackgroundStart, Worker, library_parent
+        from KANTumorSegLib.slicer_command import library_parent
+        from KANTumorSegLib.slicer_process import BackgroundStart, Worker
 
         start = self._workerStart
         if start is not None and self._worker.serves(pythonSlicer, environment):
@@ -744,13 +745,13 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         :param confidence: ``--confidence``: a confidence map (loaded as a volume) and volume ranges.
         :return: the SegmentationTask; with waitForCompletion a failure raises RuntimeError with its message.
         """
-        from KANTumorSegLib import slicer_support
+        from KANTumorSegLib import slicer_command, slicer_inputs
 
         inputs = {"t1": t1, "t1ce": t1ce, "t2": t2, "flair": flair}
-        missing, duplicates = slicer_support.input_problems(
+        missing, duplicates = slicer_inputs.input_problems(
             {modality: (node.GetID(), node.GetName()) if node else None for modality, node in inputs.items()})
         if missing:
-            raise ValueError(_("The {modality} volume is not set.").format(modality=slicer_support.MODALITY_TITLES[missing[0]]))
+            raise ValueError(_("The {modality} volume is not set.").format(modality=slicer_inputs.MODALITY_TITLES[missing[0]]))
         if duplicates:
             raise ValueError(_("The four inputs must be four different volumes."))
         self.setupPythonRequirements()
@@ -768,9 +769,9 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
                 # (and only logs) when it cannot write.
                 if not slicer.util.exportNode(node, files[modality], {"useCompression": 0}, world=True):
                     raise RuntimeError(_("The {modality} volume '{name}' could not be written to {path} for the segmentation.").format(
-                        modality=slicer_support.MODALITY_TITLES[modality], name=node.GetName(), path=files[modality]))
-            command = slicer_support.build_command(
-                pythonSlicer, files, os.path.join(tempDir, "output"), slicer_support.case_name_for(t1ce.GetName()),
+                        modality=slicer_inputs.MODALITY_TITLES[modality], name=node.GetName(), path=files[modality]))
+            command = slicer_command.build_command(
+                pythonSlicer, files, os.path.join(tempDir, "output"), slicer_inputs.case_name_for(t1ce.GetName()),
                 device, self.modelPath(model), labels, confidence)
             logging.info(f"KANTumorSeg command: {command}")
             start = self._workerStartFor(pythonSlicer, environment, task)
@@ -817,7 +818,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
 
     def _submit(self, task, command, environment, start) -> None:
         """Run the command in the started worker, else in a process of its own."""
-        from KANTumorSegLib import slicer_support
+        from KANTumorSegLib import slicer_command, slicer_process
 
         if start is not None and start.error is not None:
             self._log(task, _("The background worker could not start: {error}. This run gets a process of its own "
@@ -826,13 +827,13 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
                 self.stopWorker()
         elif start is not None and start is self._workerStart:
             try:
-                task.process = self._worker.submit(slicer_support.worker_arguments(command))
+                task.process = self._worker.submit(slicer_command.worker_arguments(command))
                 task.worker = self._worker
                 return
-            except slicer_support.WorkerError as error:
+            except slicer_process.WorkerError as error:
                 self._log(task, _("The background worker could not take this run: {error}. "
                                   "It runs in a process of its own.").format(error=error))
-        task.process = slicer_support.launch(command, environment, slicer_support.library_parent())
+        task.process = slicer_process.launch(command, environment, slicer_command.library_parent())
 
     @staticmethod
     def _log(task, text: str) -> None:
@@ -863,7 +864,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             self._handleLine(task, line)
 
     def _handleLine(self, task, line: str) -> None:
-        from KANTumorSegLib.slicer_support import overall_fraction, parse_output_line
+        from KANTumorSegLib.slicer_results import overall_fraction, parse_output_line
 
         parsed = parse_output_line(line)
         if parsed.kind == "progress":
@@ -881,7 +882,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
     def cancel(self, task) -> None:
         """Stop a running task and every process it started; its partial output is discarded.
         A run still waiting for the worker to start ends without starting."""
-        from KANTumorSegLib.slicer_support import terminate_tree
+        from KANTumorSegLib.slicer_process import terminate_tree
 
         if task.status != "running":
             return
@@ -900,7 +901,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
 
     def _finish(self, task) -> None:
         """Import the result (or record why there is none), remove the temporary files, report."""
-        from KANTumorSegLib.slicer_support import failure_message
+        from KANTumorSegLib.slicer_results import failure_message
 
         task.elapsed = time.time() - task.startTime
         try:
@@ -929,7 +930,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
     def _importResult(self, task) -> None:
         """Read everything the run wrote first, into new nodes; only then replace the output's
         segments, so that a file that does not read leaves the user's segments as they were."""
-        from KANTumorSegLib import slicer_support
+        from KANTumorSegLib import slicer_results
         from KANTumorSegLib.measurements import parts_sentence
 
         reference = task.inputs["t1ce"]
@@ -952,14 +953,14 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         self._placeBeside(segmentationNode, reference)
 
         task.partsNote = parts_sentence(written["whole_tumour_parts"])
-        task.notes = slicer_support.result_notes(written)
+        task.notes = slicer_results.result_notes(written)
         if task.addRegions:
             task.regionsSegmentation = self.updateRegionSegments(segmentationNode, reference, task.regionsSegmentation)
         dimensions = reference.GetImageData().GetDimensions()
-        if slicer_support.show_3d_by_default(dimensions[0] * dimensions[1] * dimensions[2]):
+        if slicer_results.show_3d_by_default(dimensions[0] * dimensions[1] * dimensions[2]):
             segmentationNode.CreateClosedSurfaceRepresentation()
         task.volumeTable = self.updateVolumeTable(segmentationNode, reference, task.volumeTable, task.notes)
-        confidencePath = slicer_support.confidence_file(task.files)
+        confidencePath = slicer_results.confidence_file(task.files)
         if confidencePath is not None:
             task.confidenceVolume = self.loadConfidence(str(confidencePath), reference)
         if slicer.app.layoutManager() is not None:
@@ -1102,7 +1103,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         (``regionsNode``, or a new one): overlapping segments in one node would let an edit of
         WT overwrite the classes (Segment Editor's default), so the classes stay the editable
         truth and the regions are derived from them, again at every volume update."""
-        from KANTumorSegLib.slicer_support import REGION_SEGMENTS, compose_labels, region_masks, region_terminology_entry
+        from KANTumorSegLib.slicer_segments import REGION_SEGMENTS, compose_labels, region_masks, region_terminology_entry
 
         masks = region_masks(compose_labels(self.classMasks(segmentationNode, referenceVolume)))
         if regionsNode is None:
@@ -1124,7 +1125,8 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         segments, measured by KANTumorSegLib on the reference volume's grid. ``notes`` (the run's
         ResultNotes) adds a Range column: the model's range for every region the edits left as
         the command measured it."""
-        from KANTumorSegLib.slicer_support import TABLE_COLUMNS, current_ranges, range_text, volume_rows
+        from KANTumorSegLib.slicer_results import current_ranges, range_text
+        from KANTumorSegLib.slicer_segments import TABLE_COLUMNS, volume_rows
 
         if segmentationNode is None or referenceVolume is None:
             raise ValueError(_("Select the output segmentation and the T1ce volume first."))
@@ -1192,7 +1194,8 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         has ranges, filled for the regions the edits left as the command measured them. Numbers are
         read as numbers: a table cell's text has 6 significant digits (141.7223 mL reads 141.722)."""
         from KANTumorSegLib.measurements import volumes_csv
-        from KANTumorSegLib.slicer_support import TABLE_COLUMNS, current_ranges
+        from KANTumorSegLib.slicer_results import current_ranges
+        from KANTumorSegLib.slicer_segments import TABLE_COLUMNS
 
         table = tableNode.GetTable()
         names, descriptions, volumes, voxels = (table.GetColumnByName(column) for column in TABLE_COLUMNS[:4])

@@ -127,7 +127,7 @@ def test_process_waiting_imports_segments_table_and_removes_temporary_files(logi
     assert not os.path.exists(task.tempDir)
     # The log's pointer to separate tumour parts: the command's sentence for the imported segments.
     from KANTumorSegLib.measurements import parts_sentence, whole_tumour_parts
-    from KANTumorSegLib.slicer_support import compose_labels
+    from KANTumorSegLib.slicer_segments import compose_labels
 
     voxel_ml = float(np.prod(t1ce.GetSpacing())) / 1000
     imported = compose_labels(masks)
@@ -523,18 +523,18 @@ def test_requirements_are_read_from_metadata_and_an_older_copy_is_upgraded(logic
     """torch is installed here: its version is read from metadata, PyTorchUtils is not touched
     (nothing imports torch into Slicer), and nothing asks for a restart. An older slicerio
     (another extension's) is upgraded to the requirements list's minimum."""
-    from KANTumorSegLib import slicer_support
+    from KANTumorSegLib import slicer_requirements
 
     module, logic, harness, tmp = logic_module
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=_PyTorchUtilsLogic))
-    real = slicer_support.installed_version
-    monkeypatch.setattr(slicer_support, "installed_version", lambda name: "1.0.2" if name == "slicerio" else real(name))
+    real = slicer_requirements.installed_version
+    monkeypatch.setattr(slicer_requirements, "installed_version", lambda name: "1.0.2" if name == "slicerio" else real(name))
     logic._requirementsChecked = False
     assert logic.setupPythonRequirements() is None
     assert harness.installed == ["slicerio>=1.1"] and _PyTorchUtilsLogic.calls == []
     assert "restart" not in _source_of(module.KANTumorSegWidget.onApplyButton)
 
-    monkeypatch.setattr(slicer_support, "installed_version", lambda name: None if name == "torch" else real(name))
+    monkeypatch.setattr(slicer_requirements, "installed_version", lambda name: None if name == "torch" else real(name))
     logic._requirementsChecked = False
     logic.setupPythonRequirements()
     assert _PyTorchUtilsLogic.calls == [{"askConfirmation": True, "torchVersionRequirement": ">=2.1"}]
@@ -543,7 +543,7 @@ def test_requirements_are_read_from_metadata_and_an_older_copy_is_upgraded(logic
 def test_the_requirements_list_matches_the_package_dependencies():
     import tomllib
 
-    from KANTumorSegLib.slicer_support import read_requirements
+    from KANTumorSegLib.slicer_requirements import read_requirements
 
     listed = {line for _, _, line in read_requirements(REPO / "KANTumorSeg" / "Resources" / "KANTumorSegRequirements.txt")}
     dependencies = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
@@ -712,7 +712,7 @@ def test_the_sample_case_is_registered_with_checksums_and_names_the_module_recog
     names are assigned to the four inputs by the module's automatic assignment."""
     import hashlib
 
-    from KANTumorSegLib.slicer_support import match_volume_names
+    from KANTumorSegLib.slicer_inputs import match_volume_names
 
     module, logic, harness, tmp = logic_module
     module.KANTumorSeg(types.SimpleNamespace())

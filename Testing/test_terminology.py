@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from KANTumorSegLib import slicer_support
+from KANTumorSegLib import slicer_segments
 from KANTumorSegLib.labels import SEGMENTS
 
 EXCERPTS = Path(__file__).resolve().parent / "slicer_terminology"
@@ -89,8 +89,8 @@ def test_every_segment_of_the_written_seg_nrrd_is_in_slicers_terminology(tmp_pat
 
 
 def test_the_region_segments_the_module_adds_are_in_slicers_terminology():
-    for _, name, color in slicer_support.REGION_SEGMENTS:
-        fields = slicer_support.region_terminology_entry().split("~")
+    for _, name, color in slicer_segments.REGION_SEGMENTS:
+        fields = slicer_segments.region_terminology_entry().split("~")
         assert len(fields) == 7, name
         context, category, type_code, _, anatomic_context, region, _ = fields
         found = _check(context, category.split("^"), type_code.split("^"), anatomic_context, region.split("^"))
@@ -154,7 +154,7 @@ def test_slicers_terminology_logic_finds_every_segment_the_module_shows(tmp_path
         expected = SEGMENTS[index]
         if expected.type_code[1] != "86049000":  # Neoplasm, Primary has no recommended colour
             np.testing.assert_allclose(segment.GetColor(), [v / 255 for v in found.GetRecommendedDisplayRGBValue()], atol=1 / 255)
-    assert _slicer_type(terminologies, slicer_support.region_terminology_entry()) is not None
-    general = slicer_support.region_terminology_entry().replace(
+    assert _slicer_type(terminologies, slicer_segments.region_terminology_entry()) is not None
+    general = slicer_segments.region_terminology_entry().replace(
         "DICOM master list~", "3D Slicer General Anatomy list~", 1)
     assert _slicer_type(terminologies, general) is None, "the General Anatomy list has no neoplasm type (issue 13)"
