@@ -15,14 +15,6 @@ from pathlib import Path
 MODALITY_TITLES: dict[str, str] = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 
 
-def _name_tokens() -> dict[str, str]:
-    """Modality word -> modality, from the BraTS file-name endings the command knows."""
-    from .case_files import NAME_PATTERNS
-
-    return {pattern.replace("[_-]", ""): modality
-            for modality, patterns in NAME_PATTERNS.items() for pattern in patterns}
-
-
 def modality_of_name(name: str) -> str | None:
     """The modality a volume name denotes (``BraTS20_Training_001_t1ce`` -> ``t1ce``), else None.
 
@@ -30,7 +22,9 @@ def modality_of_name(name: str) -> str | None:
     case, so ``T1c``, ``case-t2f`` and ``flair`` match; a name whose words denote two
     different modalities (``t1_t2_diff``) is ambiguous and matches none.
     """
-    tokens = _name_tokens()
+    from .case_files import name_tokens
+
+    tokens = name_tokens()
     found = {tokens[word] for word in re.split(r"[^0-9a-z]+", name.lower()) if word in tokens}
     return found.pop() if len(found) == 1 else None
 
