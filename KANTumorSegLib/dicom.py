@@ -29,7 +29,9 @@ CONTRAST_WORDS = frozenset({"post", "gd", "gad", "gado", "contrast", "ce", "c"})
 """Description words of a contrast-enhanced series (``T1 POST GD``, ``T1+C``)."""
 
 TAGS = {"description": "0008|103e", "protocol": "0018|1030", "modality": "0008|0060", "contrast": "0018|0010",
-        "inversion_ms": "0018|0082", "series_number": "0020|0011"}
+        "inversion_ms": "0018|0082"}
+"""The DICOM tags a series is told apart by: Series Description, Protocol Name, Modality,
+Contrast/Bolus Agent, Inversion Time."""
 
 
 @dataclass(frozen=True)

@@ -422,14 +422,14 @@ def test_volumes_follow_edits_once_per_burst(logic_module):
 # ----------------------------------------------------------------------------- issue 21: defects that the stand-in hid
 
 
-def test_reading_and_writing_segments_adds_no_node_to_the_scene(logic_module, small_case, mixed_model, tmp_path):
+def test_reading_and_writing_segments_adds_no_node_to_the_scene(logic_module, small_case, command_outputs, tmp_path):
     """slicer.util's array helpers go through a temporary labelmap volume whose display node
     stays in the scene (and would be saved with it): a run with regions, then two volume updates
     after edits, must add only the result's own nodes."""
     module, logic, harness, tmp = logic_module
     volumes = _volumes(harness, small_case)
     before = harness.node_ids()
-    task = _import(module, logic, volumes, _completed_files(small_case, mixed_model, tmp_path / "out", confidence=False), tmp,
+    task = _import(module, logic, volumes, _files(command_outputs, False, tmp_path), tmp,
                    addRegions=True)
     assert task.status == "completed", task.message
     for segment_id in ("ED", "ET"):
@@ -439,7 +439,7 @@ def test_reading_and_writing_segments_adds_no_node_to_the_scene(logic_module, sm
     assert harness.node_ids() - before == _ids_of(task.outputSegmentation, task.regionsSegmentation, task.volumeTable)
 
 
-def test_the_imported_segments_are_the_commands_labels_voxel_for_voxel(logic_module, small_case, mixed_model, tmp_path):
+def test_the_imported_segments_are_the_commands_labels_voxel_for_voxel(logic_module, small_case, command_outputs, tmp_path):
     """On Slicer's real segmentation (segments sharing one labelmap layer, int16 voxels), the
     classes read back on the T1ce's grid are the command's labelmap, and the volume table is
     the command's volumes file."""
@@ -449,7 +449,7 @@ def test_the_imported_segments_are_the_commands_labels_voxel_for_voxel(logic_mod
 
     module, logic, harness, tmp = logic_module
     volumes = _volumes(harness, small_case)
-    files = _completed_files(small_case, mixed_model, tmp_path / "out", confidence=False)
+    files = _files(command_outputs, False, tmp_path)
     task = _import(module, logic, volumes, files, tmp)
     assert task.status == "completed", task.message
     written = sitk.GetArrayFromImage(sitk.ReadImage(files["labelmap"]))
@@ -461,12 +461,12 @@ def test_the_imported_segments_are_the_commands_labels_voxel_for_voxel(logic_mod
     assert _table(task) == pytest.approx(expected, abs=1e-9)
 
 
-def test_exported_csv_keeps_the_volumes_precision_and_the_ranges(logic_module, small_case, mixed_model, tmp_path):
+def test_exported_csv_keeps_the_volumes_precision_and_the_ranges(logic_module, small_case, command_outputs, tmp_path):
     """A real table node's cell text has 6 significant digits (141.7223 reads 141.722); the CSV
     has the command's numbers, and its range columns for the regions the edits left alone."""
     module, logic, harness, tmp = logic_module
     volumes = _volumes(harness, small_case)
-    files = _completed_files(small_case, mixed_model, tmp_path / "out", confidence=True)
+    files = _files(command_outputs, True, tmp_path)
     task = _import(module, logic, volumes, files, tmp)
     table = task.volumeTable
     column = table.GetTable().GetColumnByName("Volume")
@@ -488,14 +488,14 @@ def test_exported_csv_keeps_the_volumes_precision_and_the_ranges(logic_module, s
     assert ranges["ED"] == ranges["WT"] == ["", ""] and all(ranges["NCR"]) and all(ranges["TC"])
 
 
-def test_a_t1ce_without_a_subject_hierarchy_item_is_no_error(logic_module, small_case, mixed_model, tmp_path):
+def test_a_t1ce_without_a_subject_hierarchy_item_is_no_error(logic_module, small_case, command_outputs, tmp_path):
     """Volumes not placed in the subject hierarchy (item ID 0, as slicer-core's volumes logic
     leaves them): the import must not ask the hierarchy about item 0."""
     import slicer
 
     module, logic, harness, tmp = logic_module
     volumes = _volumes(harness, small_case)
-    files = _completed_files(small_case, mixed_model, tmp_path / "out", confidence=False)
+    files = _files(command_outputs, False, tmp_path)
     shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(harness.scene)
     assert shNode.GetItemByDataNode(volumes["t1ce"]) == slicer.vtkMRMLSubjectHierarchyNode.GetInvalidItemID()
     with vtk_messages() as messages:
@@ -632,6 +632,22 @@ def _completed_files(case: Path, model: Path, out: Path, confidence: bool) -> di
     return files
 
 
+@pytest.fixture(scope="module")
+def command_outputs(small_case, mixed_model, tmp_path_factory) -> dict[bool, dict]:
+    """The files of the real command on the 8-slice case, without and with (completed)
+    --confidence: one run each for all the tests that import them (``_files`` copies them)."""
+    out = tmp_path_factory.mktemp("command_outputs")
+    return {confidence: _completed_files(small_case, mixed_model, out / str(confidence), confidence) for confidence in (False, True)}
+
+
+def _files(command_outputs: dict, confidence: bool, tmp: Path) -> dict:
+    """A copy of the command's files in ``tmp`` (a test may change or break them)."""
+    files = command_outputs[confidence]
+    folder = tmp / f"outputs-{confidence}"
+    shutil.copytree(Path(files["volumes_json"]).parent, folder)
+    return {key: str(folder / Path(path).name) for key, path in files.items()}
+
+
 def _import(module, logic, volumes, files, tmp, output=None, **options) -> object:
     """A task whose process wrote ``files`` (exit 0), finished as the Logic finishes a run."""
     scratch = tmp / "task"
@@ -644,13 +660,13 @@ def _import(module, logic, volumes, files, tmp, output=None, **options) -> objec
     return task
 
 
-def test_a_result_that_does_not_read_leaves_the_users_segments(logic_module, small_case, mixed_model, tmp_path):
+def test_a_result_that_does_not_read_leaves_the_users_segments(logic_module, small_case, command_outputs, tmp_path):
     module, logic, harness, tmp = logic_module
     volumes = _volumes(harness, small_case)
     output = harness.new_segmentation("out")
     output.GetSegmentation().AddEmptySegment("mine", "My edit", (1, 0, 0))
     before = harness.node_ids()
-    files = _completed_files(small_case, mixed_model, tmp_path / "out", confidence=False)
+    files = _files(command_outputs, False, tmp_path)
     segmentation = Path(files["segmentation"])
     # Not a NRRD file: Slicer's storage node reports a failure (a NRRD file cut short would make
     # ITK abort the process, in Slicer as here).
@@ -661,10 +677,10 @@ def test_a_result_that_does_not_read_leaves_the_users_segments(logic_module, sma
     assert harness.node_ids() == before
 
 
-def test_confidence_map_ranges_and_warnings_are_shown(logic_module, small_case, mixed_model, tmp_path):
+def test_confidence_map_ranges_and_warnings_are_shown(logic_module, small_case, command_outputs, tmp_path):
     module, logic, harness, tmp = logic_module
     volumes = _volumes(harness, small_case)
-    files = _completed_files(small_case, mixed_model, tmp_path / "out", confidence=True)
+    files = _files(command_outputs, True, tmp_path)
     task = _import(module, logic, volumes, files, tmp)
     assert task.status == "completed", task.message
     assert task.notes.warnings == ["The T1 volume shows a skull: strip it first."]
@@ -691,9 +707,9 @@ def test_confidence_map_ranges_and_warnings_are_shown(logic_module, small_case, 
     assert ranges["ED"] == ranges["WT"] == "" and ranges["NCR"] and ranges["TC"]
 
 
-def test_outputs_without_the_new_fields_import_as_before(logic_module, small_case, mixed_model, tmp_path):
+def test_outputs_without_the_new_fields_import_as_before(logic_module, small_case, command_outputs, tmp_path):
     module, logic, harness, tmp = logic_module
-    files = _completed_files(small_case, mixed_model, tmp_path / "out", confidence=False)
+    files = _files(command_outputs, False, tmp_path)
     volumes_json = json.loads(Path(files["volumes_json"]).read_text())
     volumes_json.pop("warnings", None)
     Path(files["volumes_json"]).write_text(json.dumps(volumes_json))
