@@ -277,7 +277,7 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def autoAssignInputs(self) -> None:
         """Fill empty input selectors with loaded volumes whose names denote a modality."""
-        from KANTumorSegLib.slicer_support import match_volume_names
+        from KANTumorSegLib.slicer_inputs import match_volume_names
 
         if self._parameterNode is None:
             return
@@ -314,7 +314,7 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateApplyButton()
 
     def _updateApplyButton(self) -> None:
-        from KANTumorSegLib.slicer_support import MODALITY_TITLES, input_problems
+        from KANTumorSegLib.slicer_inputs import MODALITY_TITLES, input_problems
 
         if self._task is not None:
             self.ui.applyButton.text = _("Cancel")
@@ -348,7 +348,7 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onWorkerReady(self, device: Optional[str]) -> None:
         """The warm-up has finished on ``device``: the Confidence option starts on where it is
         cheap (a CUDA GPU), unless the user has chosen."""
-        from KANTumorSegLib.slicer_support import confidence_by_default
+        from KANTumorSegLib.slicer_results import confidence_by_default
 
         self.addLog(_("Background worker ready ({device}).").format(device=device) if device else
                     _("The background worker did not warm up; the first run will start it."))
@@ -472,7 +472,7 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         settings.setValue(SETTINGS_PREFIX + "LastCsvFolder", os.path.dirname(path))
         with slicer.util.tryWithErrorDisplay(_("Could not write the CSV file."), waitCursor=True):
-            self.logic.exportCsv(self._parameterNode.volumeTable, path)
+            self.logic.exportCsv(self._parameterNode.volumeTable, path, self._notes)
             self.addLog(_("Volumes written to {path}").format(path=path))
 
     def onEditInSegmentEditor(self) -> None:
@@ -490,7 +490,7 @@ class SegmentationTask:
     status: "running", then "completed", "failed" or "cancelled"; message: the user-facing
     reason of a failure (the command's own ``kantumorseg: error:`` sentence when it gave one);
     partsNote: the command's sentence on a whole tumour in several parts (None for one part);
-    notes: the warnings and volume ranges of its volumes file (slicer_support.ResultNotes);
+    notes: the warnings and volume ranges of its volumes file (slicer_results.ResultNotes);
     outputSegmentation, regionsSegmentation, volumeTable, confidenceVolume: the nodes it
     filled, created only when the run succeeds (None given: a new one).
     """
@@ -556,7 +556,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def requirements() -> list:
         """(distribution, minimum version, line) of the module's one requirements list."""
-        from KANTumorSegLib.slicer_support import read_requirements
+        from KANTumorSegLib.slicer_requirements import read_requirements
 
         return read_requirements(os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", REQUIREMENTS_FILE))
 
@@ -568,7 +568,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         segmentation runs in a child process."""
         if self._requirementsChecked:
             return
-        from KANTumorSegLib.slicer_support import installed_version, unmet_requirements
+        from KANTumorSegLib.slicer_requirements import installed_version, unmet_requirements
 
         requirements = self.requirements()
         torchRequirement = next(r for r in requirements if r[0] == "torch")
@@ -653,13 +653,13 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _childProcess() -> tuple:
         """(PythonSlicer, environment) of the command and the worker."""
-        from KANTumorSegLib import slicer_support
+        from KANTumorSegLib import slicer_command
 
         pythonSlicer = shutil.which("PythonSlicer")
         if not pythonSlicer:
             raise RuntimeError(_("PythonSlicer was not found next to 3D Slicer; reinstall 3D Slicer."))
         environment = slicer.util.startupEnvironment()
-        environment.update(slicer_support.child_environment(environment))
+        environment.update(slicer_command.child_environment(environment))
         return pythonSlicer, environment
 
     def warmUp(self, device: str = "auto", model: Optional[str] = None, readyCallback=None) -> None:
@@ -668,18 +668,18 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         Nothing happens when a worker already runs or starts, or torch is not installed yet.
         ``readyCallback(device)`` is called on the main thread when the warm-up has finished,
         with the device it ran on (None when the worker did not start)."""
-        from KANTumorSegLib import slicer_support
+        from KANTumorSegLib import slicer_command, slicer_process, slicer_requirements
 
         if self._workerStart is not None and (not self._workerStart.done() or self._workerUsable()):
             return
-        if slicer_support.unmet_requirements(self.requirements(), slicer_support.installed_version):
+        if slicer_requirements.unmet_requirements(self.requirements(), slicer_requirements.installed_version):
             return
         pythonSlicer, environment = self._childProcess()
         self.stopWorker()
         scratch = slicer.util.tempDirectory("KANTumorSegWarmUp")
-        warmup = (lambda: slicer_support.warmup_request(scratch, device, self.modelPath(model)), scratch)
-        self._worker = slicer_support.Worker(pythonSlicer, environment, slicer_support.library_parent())
-        self._workerStart = slicer_support.BackgroundStart(self._worker, warmup)
+        warmup = (lambda: slicer_process.warmup_request(scratch, device, self.modelPath(model)), scratch)
+        self._worker = slicer_process.Worker(pythonSlicer, environment, slicer_command.library_parent())
+        self._workerStart = slicer_process.BackgroundStart(self._worker, warmup)
         if readyCallback:
             self._whenWorkerReady(self._workerStart, readyCallback)
 
@@ -696,7 +696,8 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         """The worker's BackgroundStart this run should wait for (a worker started, starting or
         warming up for this PythonSlicer and environment; a new one when there is none), or None
         when the run must get its own process (the worker is busy with another run)."""
-        from KANTumorSegLib.slicer_support import BackgroundStart, Worker, library_parent
+        from KANTumorSegLib.slicer_command import library_parent
+        from KANTumorSegLib.slicer_process import BackgroundStart, Worker
 
         start = self._workerStart
         if start is not None and self._worker.serves(pythonSlicer, environment):
@@ -744,13 +745,13 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         :param confidence: ``--confidence``: a confidence map (loaded as a volume) and volume ranges.
         :return: the SegmentationTask; with waitForCompletion a failure raises RuntimeError with its message.
         """
-        from KANTumorSegLib import slicer_support
+        from KANTumorSegLib import slicer_command, slicer_inputs
 
         inputs = {"t1": t1, "t1ce": t1ce, "t2": t2, "flair": flair}
-        missing, duplicates = slicer_support.input_problems(
+        missing, duplicates = slicer_inputs.input_problems(
             {modality: (node.GetID(), node.GetName()) if node else None for modality, node in inputs.items()})
         if missing:
-            raise ValueError(_("The {modality} volume is not set.").format(modality=slicer_support.MODALITY_TITLES[missing[0]]))
+            raise ValueError(_("The {modality} volume is not set.").format(modality=slicer_inputs.MODALITY_TITLES[missing[0]]))
         if duplicates:
             raise ValueError(_("The four inputs must be four different volumes."))
         self.setupPythonRequirements()
@@ -768,9 +769,9 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
                 # (and only logs) when it cannot write.
                 if not slicer.util.exportNode(node, files[modality], {"useCompression": 0}, world=True):
                     raise RuntimeError(_("The {modality} volume '{name}' could not be written to {path} for the segmentation.").format(
-                        modality=slicer_support.MODALITY_TITLES[modality], name=node.GetName(), path=files[modality]))
-            command = slicer_support.build_command(
-                pythonSlicer, files, os.path.join(tempDir, "output"), slicer_support.case_name_for(t1ce.GetName()),
+                        modality=slicer_inputs.MODALITY_TITLES[modality], name=node.GetName(), path=files[modality]))
+            command = slicer_command.build_command(
+                pythonSlicer, files, os.path.join(tempDir, "output"), slicer_inputs.case_name_for(t1ce.GetName()),
                 device, self.modelPath(model), labels, confidence)
             logging.info(f"KANTumorSeg command: {command}")
             start = self._workerStartFor(pythonSlicer, environment, task)
@@ -817,7 +818,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
 
     def _submit(self, task, command, environment, start) -> None:
         """Run the command in the started worker, else in a process of its own."""
-        from KANTumorSegLib import slicer_support
+        from KANTumorSegLib import slicer_command, slicer_process
 
         if start is not None and start.error is not None:
             self._log(task, _("The background worker could not start: {error}. This run gets a process of its own "
@@ -826,13 +827,13 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
                 self.stopWorker()
         elif start is not None and start is self._workerStart:
             try:
-                task.process = self._worker.submit(slicer_support.worker_arguments(command))
+                task.process = self._worker.submit(slicer_command.worker_arguments(command))
                 task.worker = self._worker
                 return
-            except slicer_support.WorkerError as error:
+            except slicer_process.WorkerError as error:
                 self._log(task, _("The background worker could not take this run: {error}. "
                                   "It runs in a process of its own.").format(error=error))
-        task.process = slicer_support.launch(command, environment, slicer_support.library_parent())
+        task.process = slicer_process.launch(command, environment, slicer_command.library_parent())
 
     @staticmethod
     def _log(task, text: str) -> None:
@@ -863,7 +864,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             self._handleLine(task, line)
 
     def _handleLine(self, task, line: str) -> None:
-        from KANTumorSegLib.slicer_support import overall_fraction, parse_output_line
+        from KANTumorSegLib.slicer_results import overall_fraction, parse_output_line
 
         parsed = parse_output_line(line)
         if parsed.kind == "progress":
@@ -881,7 +882,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
     def cancel(self, task) -> None:
         """Stop a running task and every process it started; its partial output is discarded.
         A run still waiting for the worker to start ends without starting."""
-        from KANTumorSegLib.slicer_support import terminate_tree
+        from KANTumorSegLib.slicer_process import terminate_tree
 
         if task.status != "running":
             return
@@ -900,7 +901,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
 
     def _finish(self, task) -> None:
         """Import the result (or record why there is none), remove the temporary files, report."""
-        from KANTumorSegLib.slicer_support import failure_message
+        from KANTumorSegLib.slicer_results import failure_message
 
         task.elapsed = time.time() - task.startTime
         try:
@@ -929,7 +930,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
     def _importResult(self, task) -> None:
         """Read everything the run wrote first, into new nodes; only then replace the output's
         segments, so that a file that does not read leaves the user's segments as they were."""
-        from KANTumorSegLib import slicer_support
+        from KANTumorSegLib import slicer_results
         from KANTumorSegLib.measurements import parts_sentence
 
         reference = task.inputs["t1ce"]
@@ -943,30 +944,53 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
                     "vtkMRMLSegmentationNode", _("{name} tumour").format(name=reference.GetName()))
             segmentationNode.GetSegmentation().DeepCopy(loaded.GetSegmentation())
         finally:
-            slicer.mrmlScene.RemoveNode(loaded)
+            KANTumorSegLogic._removeWithDisplayNodes(loaded)
         task.outputSegmentation = segmentationNode
         segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(), reference.GetID())
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(reference)
 
-        # Place the segmentation in the study of its input volume.
-        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        studyItem = shNode.GetItemParent(shNode.GetItemByDataNode(reference))
-        shNode.SetItemParent(shNode.GetItemByDataNode(segmentationNode), studyItem)
+        self._placeBeside(segmentationNode, reference)
 
         task.partsNote = parts_sentence(written["whole_tumour_parts"])
-        task.notes = slicer_support.result_notes(written)
+        task.notes = slicer_results.result_notes(written)
         if task.addRegions:
             task.regionsSegmentation = self.updateRegionSegments(segmentationNode, reference, task.regionsSegmentation)
         dimensions = reference.GetImageData().GetDimensions()
-        if slicer_support.show_3d_by_default(dimensions[0] * dimensions[1] * dimensions[2]):
+        if slicer_results.show_3d_by_default(dimensions[0] * dimensions[1] * dimensions[2]):
             segmentationNode.CreateClosedSurfaceRepresentation()
         task.volumeTable = self.updateVolumeTable(segmentationNode, reference, task.volumeTable, task.notes)
-        confidencePath = slicer_support.confidence_file(task.files)
+        confidencePath = slicer_results.confidence_file(task.files)
         if confidencePath is not None:
             task.confidenceVolume = self.loadConfidence(str(confidencePath), reference)
         if slicer.app.layoutManager() is not None:
             slicer.util.setSliceViewerLayers(background=reference, fit=True)
+
+    @staticmethod
+    def _placeBeside(node, reference) -> None:
+        """Put ``node`` under the subject hierarchy parent of ``reference`` (the T1ce's study, when it
+        has one). A reference without an item (ID 0: no subject hierarchy plugin made one) has no
+        parent to share; the subject hierarchy would reject the call with a warning."""
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        invalid = slicer.vtkMRMLSubjectHierarchyNode.GetInvalidItemID()
+        referenceItem = shNode.GetItemByDataNode(reference)
+        if referenceItem == invalid:
+            return
+        parentItem = shNode.GetItemParent(referenceItem)
+        item = shNode.GetItemByDataNode(node)
+        if item == invalid:
+            shNode.CreateItem(parentItem, node)
+        else:
+            shNode.SetItemParent(item, parentItem)
+
+    @staticmethod
+    def _removeWithDisplayNodes(node) -> None:
+        """Remove a temporary node and the display nodes reading it made: the scene keeps a removed
+        node's display nodes, which would be saved with it."""
+        displayNodes = [node.GetNthDisplayNode(index) for index in range(node.GetNumberOfDisplayNodes())]
+        slicer.mrmlScene.RemoveNode(node)
+        for displayNode in displayNodes:
+            slicer.mrmlScene.RemoveNode(displayNode)
 
     @staticmethod
     def _readSegmentation(path: str):
@@ -979,7 +1003,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             if not storageNode.ReadData(loaded):
                 raise RuntimeError(_("{path} could not be read.").format(path=path))
         except Exception:
-            slicer.mrmlScene.RemoveNode(loaded)
+            KANTumorSegLogic._removeWithDisplayNodes(loaded)
             raise
         finally:
             slicer.mrmlScene.RemoveNode(storageNode)
@@ -1018,6 +1042,50 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         found = segmentation.GetSegmentIdBySegmentName(name)
         return found or None
 
+    @staticmethod
+    def _referenceGeometry(referenceVolume):
+        """An image without voxels on the reference volume's grid (origin, spacing, axes, extent)."""
+        geometry = slicer.vtkOrientedImageData()
+        ijkToRas = vtk.vtkMatrix4x4()
+        referenceVolume.GetIJKToRASMatrix(ijkToRas)
+        geometry.SetImageToWorldMatrix(ijkToRas)
+        geometry.SetExtent(referenceVolume.GetImageData().GetExtent())
+        return geometry
+
+    @classmethod
+    def segmentArray(cls, segmentationNode, segmentId: str, referenceVolume):
+        """A segment as a uint8 numpy mask (k, j, i) on the reference volume's grid, a copy.
+
+        Read from the segmentation's binary labelmaps (a layer may hold several segments, so the
+        segment is picked by its own label) with no node added to the scene:
+        slicer.util.arrayFromSegmentBinaryLabelmap goes through a temporary labelmap volume whose
+        display node stays in the scene, one more at every volume update."""
+        from vtk.util import numpy_support
+
+        segmentIds = vtk.vtkStringArray()
+        segmentIds.InsertNextValue(segmentId)
+        labelmap = slicer.vtkOrientedImageData()
+        if not segmentationNode.GenerateMergedLabelmapForAllSegments(
+                labelmap, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, cls._referenceGeometry(referenceVolume), segmentIds):
+            raise RuntimeError(_("The segment {segment} could not be read.").format(segment=segmentId))
+        voxels = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
+        return (voxels.reshape(labelmap.GetDimensions()[::-1]) > 0).astype("uint8")
+
+    @classmethod
+    def setSegmentArray(cls, mask, segmentationNode, segmentId: str, referenceVolume) -> None:
+        """Replace a segment's voxels by a numpy mask (k, j, i) on the reference volume's grid, as
+        Segment Editor's effects write them (vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment:
+        a segment that would overwrite another one of its layer moves to a layer of its own);
+        no node is added to the scene, unlike slicer.util.updateSegmentBinaryLabelmapFromArray."""
+        from vtk.util import numpy_support
+
+        labelmap = cls._referenceGeometry(referenceVolume)
+        voxels = (mask > 0).astype("uint8").ravel()
+        labelmap.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        if not logic.SetBinaryLabelmapToSegment(labelmap, segmentationNode, segmentId, logic.MODE_REPLACE):
+            raise RuntimeError(_("The segment {segment} could not be written.").format(segment=segmentId))
+
     def classMasks(self, segmentationNode, referenceVolume) -> dict:
         """NCR, ED and ET as numpy masks on the reference volume's grid (None when absent)."""
         from KANTumorSegLib.labels import SEGMENTS
@@ -1025,8 +1093,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         masks = {}
         for segment in SEGMENTS:
             segmentId = self._segmentId(segmentationNode, segment.id, segment.name)
-            masks[segment.id] = (slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolume)
-                                 if segmentId else None)
+            masks[segment.id] = self.segmentArray(segmentationNode, segmentId, referenceVolume) if segmentId else None
         if all(mask is None for mask in masks.values()):
             raise ValueError(_("The segmentation has none of the segments NCR, ED and ET."))
         return masks
@@ -1036,7 +1103,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         (``regionsNode``, or a new one): overlapping segments in one node would let an edit of
         WT overwrite the classes (Segment Editor's default), so the classes stay the editable
         truth and the regions are derived from them, again at every volume update."""
-        from KANTumorSegLib.slicer_support import REGION_SEGMENTS, compose_labels, region_masks, region_terminology_entry
+        from KANTumorSegLib.slicer_segments import REGION_SEGMENTS, compose_labels, region_masks, region_terminology_entry
 
         masks = region_masks(compose_labels(self.classMasks(segmentationNode, referenceVolume)))
         if regionsNode is None:
@@ -1050,7 +1117,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
                 segmentation.AddEmptySegment(segmentId, name, color)
                 segment = segmentation.GetSegment(segmentId)
                 segment.SetTag(segment.GetTerminologyEntryTagName(), region_terminology_entry())
-            slicer.util.updateSegmentBinaryLabelmapFromArray(masks[segmentId], regionsNode, segmentId, referenceVolume)
+            self.setSegmentArray(masks[segmentId], regionsNode, segmentId, referenceVolume)
         return regionsNode
 
     def updateVolumeTable(self, segmentationNode, referenceVolume, tableNode=None, notes=None):
@@ -1058,7 +1125,8 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         segments, measured by KANTumorSegLib on the reference volume's grid. ``notes`` (the run's
         ResultNotes) adds a Range column: the model's range for every region the edits left as
         the command measured it."""
-        from KANTumorSegLib.slicer_support import TABLE_COLUMNS, current_ranges, range_text, volume_rows
+        from KANTumorSegLib.slicer_results import current_ranges, range_text
+        from KANTumorSegLib.slicer_segments import TABLE_COLUMNS, volume_rows
 
         if segmentationNode is None or referenceVolume is None:
             raise ValueError(_("Select the output segmentation and the T1ce volume first."))
@@ -1106,8 +1174,10 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             qt.QTimer.singleShot(self.EDIT_DEBOUNCE_MS,
                                  lambda: self._followed is state and state["generation"] == generation and callback())
 
-        for event in (slicer.vtkSegmentation.SourceRepresentationModified, slicer.vtkSegmentation.SegmentAdded,
-                      slicer.vtkSegmentation.SegmentRemoved):
+        # Painting fires SourceRepresentationModified; clearing a segment (Segment Editor's Clear,
+        # vtkSlicerSegmentationsModuleLogic.ClearSegment) fires only SegmentModified.
+        for event in (slicer.vtkSegmentation.SourceRepresentationModified, slicer.vtkSegmentation.SegmentModified,
+                      slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved):
             state["tags"].append(segmentation.AddObserver(event, onEdit))
         self._followed = state
 
@@ -1118,14 +1188,24 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
             self._followed = None
 
     @staticmethod
-    def exportCsv(tableNode, path: str) -> None:
-        """Write the volume table as CSV (region, description, voxels, volume_ml), as the command does."""
+    def exportCsv(tableNode, path: str, notes=None) -> None:
+        """Write the volume table as CSV, as the command writes its own: region, description, voxels,
+        volume_ml, and the range_low_ml, range_high_ml columns when ``notes`` (the run's ResultNotes)
+        has ranges, filled for the regions the edits left as the command measured them. Numbers are
+        read as numbers: a table cell's text has 6 significant digits (141.7223 mL reads 141.722)."""
         from KANTumorSegLib.measurements import volumes_csv
+        from KANTumorSegLib.slicer_results import current_ranges
+        from KANTumorSegLib.slicer_segments import TABLE_COLUMNS
 
-        rows = []
-        for index in range(tableNode.GetNumberOfRows()):
-            rows.append({"name": tableNode.GetCellText(index, 0), "description": tableNode.GetCellText(index, 1),
-                         "volume_ml": float(tableNode.GetCellText(index, 2)), "voxels": int(tableNode.GetCellText(index, 3))})
+        table = tableNode.GetTable()
+        names, descriptions, volumes, voxels = (table.GetColumnByName(column) for column in TABLE_COLUMNS[:4])
+        rows = [{"name": names.GetValue(row), "description": descriptions.GetValue(row),
+                 "volume_ml": float(volumes.GetValue(row)), "voxels": int(voxels.GetValue(row))}
+                for row in range(tableNode.GetNumberOfRows())]
+        if notes is not None and notes.ranges:
+            ranges = current_ranges(notes, rows)
+            for row in rows:
+                row["range_ml"] = ranges.get(row["name"])
         with open(path, "w", encoding="utf-8") as stream:
             stream.write(volumes_csv({"regions": rows}))
 
@@ -1146,9 +1226,9 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
 class KANTumorSegTest(ScriptedLoadableModuleTest):
     """Runs in Slicer (Reload and Test, or ctest) with nothing to set up: segments the synthetic
     phantom KANTumorSegLib makes, through the worker, with the region segments; checks the
-    volume table against the command's own volumes and against Segment Statistics; then erases
+    volume table against the command's own volumes and against Segment Statistics; then clears
     a segment as a user would and checks that the regions and volumes follow the edit.
-    Testing/test_slicer_logic.py runs it outside Slicer through its Slicer stand-in."""
+    Testing/test_slicer_logic.py runs it outside Slicer on Slicer's own scene and logic (slicer-core)."""
 
     PHANTOM_SHAPE = (160, 160, 32)
     """Voxels of the phantom: small enough for a CPU in seconds; the shipped model finds all three classes in it."""
@@ -1190,12 +1270,10 @@ class KANTumorSegTest(ScriptedLoadableModuleTest):
             for segmentId, volumeMl in self._segmentStatisticsVolumes(node, nodes["t1ce"]).items():
                 self.assertAlmostEqual(volumeMl, before[segmentId][0], places=3, msg=segmentId)
 
-        self.delayDisplay("Erasing the enhancing tumour, as in Segment Editor")
+        self.delayDisplay("Clearing the enhancing tumour, as Segment Editor's Clear does")
         followed = []
         logic.followEdits(segmentationNode, lambda: followed.append(True))
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, "ET", nodes["t1ce"])
-        mask[:] = 0
-        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentationNode, "ET", nodes["t1ce"])
+        slicer.vtkSlicerSegmentationsModuleLogic.ClearSegment(segmentationNode, "ET")
         deadline = time.monotonic() + 10
         while not followed and time.monotonic() < deadline:
             slicer.app.processEvents()

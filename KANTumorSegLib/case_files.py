@@ -19,6 +19,13 @@ NAME_PATTERNS: dict[str, tuple[str, ...]] = {
 """Name endings (before the image suffix) of BraTS 2018-2021 and BraTS 2023 files."""
 
 
+def name_tokens() -> dict[str, str]:
+    """Modality word -> modality, from the BraTS file-name endings (``t1ce`` -> t1ce): for
+    names made of words, as Slicer's volume names and DICOM series descriptions are."""
+    return {pattern.replace("[_-]", ""): modality
+            for modality, patterns in NAME_PATTERNS.items() for pattern in patterns}
+
+
 def image_stem(path: Path) -> str | None:
     """The file name without its image suffix, or None for a non-image file."""
     name = path.name.lower()
@@ -40,7 +47,9 @@ def modality_of(path: Path) -> str | None:
 
 
 def find_modalities(case_dir: Path, explicit: dict[str, Path | None]) -> dict[str, Path]:
-    """Map each modality to a file: explicit paths first, then BraTS names in case_dir."""
+    """Map each modality to a file: explicit paths first, then BraTS names in case_dir.
+
+    An explicit entry that is not a path (a DICOM series, from dicom.find_sources) is kept as it is."""
     found: dict[str, list[Path]] = {m: [] for m in MODALITIES}
     if case_dir is not None:
         if not case_dir.exists():
@@ -69,13 +78,15 @@ def find_modalities(case_dir: Path, explicit: dict[str, Path | None]) -> dict[st
                 f"{' or '.join(p.strip('[_-]') for p in NAME_PATTERNS[modality])} "
                 f"(e.g. case_{modality}.nii.gz), or give it with --{modality}.")
     for modality, path in result.items():
+        if not isinstance(path, Path):
+            continue
         if not path.exists():
             raise KANTumorSegError(f"The {modality.upper()} file {path} does not exist.")
         if not path.is_file():
             raise KANTumorSegError(f"The {modality.upper()} path {path} is not a file.")
-    resolved: dict[Path, str] = {}
+    resolved: dict[Path | str, str] = {}
     for modality, path in result.items():
-        key = path.resolve()
+        key = path.resolve() if isinstance(path, Path) else path.uid
         if key in resolved:
             raise KANTumorSegError(
                 f"{resolved[key].upper()} and {modality.upper()} are the same file {path}; each modality needs its own image.")
@@ -84,7 +95,9 @@ def find_modalities(case_dir: Path, explicit: dict[str, Path | None]) -> dict[st
 
 
 def case_name(paths: dict[str, Path]) -> str:
-    """The case name: the T1ce file's stem without its modality ending."""
+    """The case name: the T1ce file's stem without its modality ending (a DICOM series: its folder's name)."""
+    if not isinstance(paths["t1ce"], Path):
+        return paths["t1ce"].case_name
     stem = image_stem(paths["t1ce"]) or paths["t1ce"].stem
     original = paths["t1ce"].name[: len(stem)]
     for pattern in NAME_PATTERNS["t1ce"]:

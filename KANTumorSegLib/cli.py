@@ -78,12 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     segment = commands.add_parser("segment", help="segment the brain tumour of one case, or of several in one process")
     segment.add_argument("case_dir", nargs="*", type=Path,
-                         help="folder with the four modalities named as in BraTS (_t1, _t1ce, _t2, _flair or -t1n, -t1c, -t2w, -t2f); "
-                              "several folders (given together, before or after the options) are segmented one after the "
+                         help="folder with the four modalities named as in BraTS (_t1, _t1ce, _t2, _flair or -t1n, -t1c, -t2w, -t2f), "
+                              "or a DICOM folder whose four MR series are told apart by Series Description, contrast agent and "
+                              "inversion time; several folders (given together, before or after the options) are segmented one after the "
                               "other into the same -o folder")
     segment.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
     for modality in MODALITIES:
-        segment.add_argument(f"--{modality}", type=Path, help=f"the {modality.upper()} image (overrides the case folder)")
+        segment.add_argument(f"--{modality}", type=Path,
+                             help=f"the {modality.upper()} image, or the folder of its DICOM series (overrides the case folder)")
     segment.add_argument("--case-name", help="name used for the output files (default: from the T1ce file name)")
     segment.add_argument("--model", type=Path, default=default_model_path(), help="weights file (.safetensors, with its .json card)")
     segment.add_argument("--device", choices=DEVICES, default="auto", help="auto picks CUDA, then MPS, then the CPU")
@@ -97,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--confidence", action="store_true",
                          help="also write <case>_confidence.nii.gz (percent that each voxel's label is right) and a range "
                               "around every volume, from 8 test-time flips and rotations (about 8x the model's time)")
+    segment.add_argument("--dicom-seg", action="store_true",
+                         help="also write <case>_seg.dcm, a DICOM Segmentation referencing the T1ce series (DICOM input only; "
+                              "needs highdicom: pip install 'kantumorseg[dicom]')")
     segment.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
                          help="bar on stderr, or one JSON line per step on stdout (for Slicer)")
     segment.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -119,7 +124,8 @@ def plan_cases(args: argparse.Namespace) -> list[tuple[dict[str, Path], str]]:
     A cohort is checked as a whole before any case runs, so that a missing file, two folders
     with one case name or an existing output in case 40 does not show after 39 cases.
     """
-    from .case_files import case_name, find_modalities
+    from .case_files import case_name
+    from .dicom import find_sources
     from .outputs import output_names, refuse_existing
     from .preprocessing import MODALITIES
 
@@ -135,7 +141,7 @@ def plan_cases(args: argparse.Namespace) -> list[tuple[dict[str, Path], str]]:
     cases: list[tuple[dict[str, Path], str]] = []
     folder_of: dict[str, Path | None] = {}
     for folder in folders or [None]:
-        paths = find_modalities(folder, explicit)
+        paths = find_sources(folder, explicit)
         case = args.case_name or case_name(paths)
         # The case name becomes file names inside -o: a path in it would write elsewhere.
         if args.case_name is not None and (Path(case).name != case or case in ("", ".", "..")):
@@ -148,11 +154,28 @@ def plan_cases(args: argparse.Namespace) -> list[tuple[dict[str, Path], str]]:
                                    "segment them into different -o folders.")
         folder_of[case] = folder
         cases.append((paths, case))
+    if args.dicom_seg:
+        check_dicom_seg(cases)
     if not args.overwrite:
         # segment_case refuses existing outputs too, but only when its case comes up.
         for _, case in cases:
-            refuse_existing(args.output, output_names(case, args.confidence))
+            refuse_existing(args.output, output_names(case, args.confidence, args.dicom_seg))
     return cases
+
+
+def check_dicom_seg(cases: list[tuple[dict, str]]) -> None:
+    """--dicom-seg: highdicom is installed, and every case's T1ce is a DICOM series (the
+    Segmentation references its images)."""
+    import importlib.util
+
+    from .dicom import DicomSeries
+
+    for paths, case in cases:
+        if not isinstance(paths["t1ce"], DicomSeries):
+            raise KANTumorSegError(f"--dicom-seg writes a DICOM Segmentation that references the T1ce's DICOM images; "
+                                   f"the T1ce of case {case} is {paths['t1ce']}, not a DICOM series.")
+    if importlib.util.find_spec("highdicom") is None:
+        raise KANTumorSegError("--dicom-seg needs the highdicom package: pip install 'kantumorseg[dicom]'.")
 
 
 def complete_cases(args: argparse.Namespace) -> str:
@@ -200,7 +223,7 @@ def run_segment(args: argparse.Namespace) -> int:
             print(f"Case {index}/{len(cases)}: {case}", file=sys.stderr, flush=True)
         try:
             result = segment_case(paths, args.output, case, args.model, args.device, args.labels,
-                                  args.overwrite, args.batch_size, progress, args.precision, args.confidence)
+                                  args.overwrite, args.batch_size, progress, args.precision, args.confidence, args.dicom_seg)
         except KANTumorSegError as error:
             if len(cases) == 1:
                 raise

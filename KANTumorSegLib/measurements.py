@@ -66,11 +66,12 @@ def whole_tumour_parts(labels: np.ndarray, voxel_ml: float) -> dict:
 
 def volumes_csv(volumes: dict) -> str:
     """The volume table as CSV text (region, description, voxels, volume_ml), with
-    range_low_ml and range_high_ml when the regions carry ``range_ml`` (``--confidence``)."""
-    ranged = all("range_ml" in r for r in volumes["regions"])
+    range_low_ml and range_high_ml when the regions carry ``range_ml`` (``--confidence``); a
+    region whose ``range_ml`` is None (the Slicer module's, edited since the run) leaves them empty."""
+    ranged = any("range_ml" in r for r in volumes["regions"])
     lines = ["region,description,voxels,volume_ml" + (",range_low_ml,range_high_ml" if ranged else "")]
     lines += [f"{r['name']},{r['description'].replace(',', ' ')},{r['voxels']},{r['volume_ml']}"
-              + (f",{r['range_ml'][0]},{r['range_ml'][1]}" if ranged else "")
+              + ((f",{r['range_ml'][0]},{r['range_ml'][1]}" if r.get("range_ml") else ",,") if ranged else "")
               for r in volumes["regions"]]
     return "\n".join(lines) + "\n"
 

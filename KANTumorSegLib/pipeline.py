@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .measurements import tumour_volumes, whole_tumour_parts
 from .progress import no_progress
+
+if TYPE_CHECKING:
+    from .dicom import Source
 
 
 @dataclass
@@ -26,7 +29,7 @@ class SegmentResult:
 
 
 def segment_case(
-    paths: dict[str, Path],
+    paths: dict[str, Source],
     out_dir: Path,
     case: str,
     model_path: Path,
@@ -37,9 +40,11 @@ def segment_case(
     progress: Callable[[str, int, int], None] = no_progress,
     precision: str = "auto",
     confidence: bool = False,
+    dicom_seg: bool = False,
 ) -> SegmentResult:
     """Segment one case and write its labelmap, .seg.nrrd, volumes and overview; with
-    ``confidence``, also its confidence map and a range around every volume (``confidence.py``)."""
+    ``confidence``, also its confidence map and a range around every volume (``confidence.py``);
+    with ``dicom_seg`` (DICOM input), a DICOM Segmentation referencing the T1ce series (``dicom.py``)."""
     import SimpleITK as sitk
 
     from . import __version__
@@ -50,10 +55,10 @@ def segment_case(
     from .volumes import labels_to_reference, load_case
     from .weights import load_model, read_card
 
-    names = output_names(case, confidence)
+    names = output_names(case, confidence, dicom_seg)
     # Check the output folder, the model card and the images before importing torch (over a
     # second) and before the slow part, so that mistakes show at once.
-    stale = tuple(set(output_names(case, True).values()) - set(names.values()))
+    stale = tuple(set(output_names(case, True, True).values()) - set(names.values()))
     with AtomicOutputs(out_dir, names, overwrite, stale) as outputs:
         card = read_card(model_path)
         progress("read", 0, 4)
@@ -84,6 +89,10 @@ def segment_case(
         write_labelmap(outputs.path("labelmap"), reference_labels, labels)
         progress("write", 1, steps)
         write_segmentation(outputs.path("segmentation"), reference_labels)
+        if dicom_seg:
+            from .dicom import write_dicom_seg
+
+            write_dicom_seg(outputs.path("dicom_seg"), reference_labels, paths["t1ce"], __version__)
         progress("write", 2, steps)
         written = sitk.GetArrayViewFromImage(reference_labels)
         volumes = tumour_volumes(written, reference_labels.GetSpacing())

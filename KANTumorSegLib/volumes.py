@@ -11,12 +11,16 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import KANTumorSegError
 from .preprocessing import MODALITIES
+
+if TYPE_CHECKING:
+    from .dicom import Source
 
 REFERENCE_MODALITY = "t1ce"
 MODEL_SPACING_MM = 1.0
@@ -79,16 +83,19 @@ def check_nifti_complete(path: Path, label: str) -> None:
             f"The {label} file {path} is truncated: it holds {size} bytes of the {expected} its header announces.")
 
 
-def read_image(path: Path, modality: str) -> sitk.Image:
-    """Read one 3D scalar image, with a clear error naming the file when it cannot be used."""
+def read_image(path: Source, modality: str) -> sitk.Image:
+    """Read one 3D scalar image (a file, or a DICOM series), with a clear error naming it when it cannot be used."""
+    from .dicom import DicomSeries, read_series
+
     label = modality.upper()
     try:
-        image = sitk.ReadImage(str(path))
+        image = read_series(path) if isinstance(path, DicomSeries) else sitk.ReadImage(str(path))
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
         raise KANTumorSegError(
             f"The {label} file {path} could not be read as an image (corrupt, truncated or not an image file): {reason.strip()}") from None
-    check_nifti_complete(path, label)
+    if not isinstance(path, DicomSeries):
+        check_nifti_complete(path, label)
     if image.GetNumberOfComponentsPerPixel() != 1:
         components = image.GetNumberOfComponentsPerPixel()
         raise KANTumorSegError(f"The {label} file {path} has {components} components per voxel; a scalar 3D volume is needed.")
@@ -148,7 +155,7 @@ def resample_like(image: sitk.Image, reference: sitk.Image, interpolator: int = 
     return sitk.Resample(image, reference, sitk.Transform(), interpolator, default, image.GetPixelID())
 
 
-def align_to_reference(images: dict[str, sitk.Image], paths: dict[str, Path]) -> dict[str, sitk.Image]:
+def align_to_reference(images: dict[str, sitk.Image], paths: dict[str, Source]) -> dict[str, sitk.Image]:
     """Put every modality on the T1ce grid: identical grids pass, overlapping grids are
     resampled with a warning, grids that do not overlap are refused."""
     reference = images[REFERENCE_MODALITY]
@@ -230,7 +237,7 @@ def labels_to_reference(labels: np.ndarray, grid: ModelGrid) -> sitk.Image:
     return resample_like(image, grid.reference, sitk.sitkNearestNeighbor, 0)
 
 
-def check_distinct(images: dict[str, sitk.Image], paths: dict[str, Path]) -> None:
+def check_distinct(images: dict[str, sitk.Image], paths: dict[str, Source]) -> None:
     """Refuse two modalities with identical voxels: one series exported twice under two
     names, which the model would take for two contrasts without any error."""
     seen: list[str] = []
@@ -245,7 +252,7 @@ def check_distinct(images: dict[str, sitk.Image], paths: dict[str, Path]) -> Non
         seen.append(modality)
 
 
-def load_case(paths: dict[str, Path]) -> tuple[np.ndarray, ModelGrid]:
+def load_case(paths: dict[str, Source]) -> tuple[np.ndarray, ModelGrid]:
     """Read and align the four modalities: a (4, X, Y, Z) model-grid array (a view of a
     (4, Z, Y, X) C-ordered array) and its grid."""
     from concurrent.futures import ThreadPoolExecutor

@@ -138,7 +138,7 @@ def small_case(cropped_case: Path, tmp_path_factory) -> Path:
 @pytest.fixture
 def ends() -> Iterator[Callable[[subprocess.Popen], subprocess.Popen]]:
     """``ends(process)`` returns ``process`` (started in a session of its own, as
-    ``slicer_support.launch`` and ``processes.start`` do) and kills its process group when the
+    ``slicer_process.launch`` and ``processes.start`` do) and kills its process group when the
     test ends, passed or failed, unless it was reaped before (``processes.end_group``)."""
     from processes import end_group
 

@@ -5,7 +5,7 @@ core, 13 minutes later. Every process here starts in a session of its own (its o
 group), and when the test is done with it the whole group is killed: the command and anything
 it started (the Python a launcher starts, a worker), even after the command itself ended.
 ``run`` replaces ``subprocess.run``; the ``ends`` fixture (conftest.py) does the same for a
-process started otherwise (``start``, ``slicer_support.launch``).
+process started otherwise (``start``, ``slicer_process.launch``).
 """
 
 from __future__ import annotations

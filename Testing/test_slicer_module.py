@@ -3,10 +3,10 @@
 Slicer cannot run here, so the module file is checked statically (it parses, imports only
 Slicer/Qt/VTK and the standard library at file scope, uses only widgets its .ui defines),
 the CMake lists are checked against the files they must ship, and the pure parts in
-KANTumorSegLib.slicer_support are run for real: the exact command line the Logic builds is
+the KANTumorSegLib.slicer_* modules are run for real: the exact command line the Logic builds is
 launched with this machine's Python (standing in for PythonSlicer) on a real BraTS case,
-and cancelling stops a real process tree. KANTumorSegTest inside KANTumorSeg.py covers
-the Slicer side and runs in Slicer only.
+and cancelling stops a real process tree. The Slicer side (the Logic and KANTumorSegTest)
+runs on Slicer's own scene and logic in Testing/test_slicer_logic.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import processes
 import pytest
 
-from KANTumorSegLib import slicer_support
+from KANTumorSegLib import slicer_command, slicer_inputs, slicer_process, slicer_requirements, slicer_results, slicer_segments
 from KANTumorSegLib.labels import SEGMENTS, region_mask
 from KANTumorSegLib.measurements import VOLUME_ROWS, tumour_volumes
 
@@ -286,9 +286,9 @@ def test_icon_is_a_128_pixel_png_and_license_is_apache():
     assert 'license = "Apache-2.0"' in (REPO / "pyproject.toml").read_text()
 
 
-def test_slicer_support_imports_no_numerical_package():
-
-    probe = "import sys, KANTumorSegLib.slicer_support; print(sorted(m for m in ('numpy', 'torch', 'SimpleITK') if m in sys.modules))"
+def test_the_slicer_modules_import_no_numerical_package():
+    modules = ", ".join(f"KANTumorSegLib.{p.stem}" for p in (REPO / "KANTumorSegLib").glob("slicer_*.py"))
+    probe = f"import sys, {modules}; print(sorted(m for m in ('numpy', 'torch', 'SimpleITK') if m in sys.modules))"
     result = processes.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
     assert result.stdout.strip() == "[]"
 
@@ -314,13 +314,13 @@ def test_slicer_support_imports_no_numerical_package():
     ("MRHead", None),
 ])
 def test_modality_of_name(name, modality):
-    assert slicer_support.modality_of_name(name) == modality
+    assert slicer_inputs.modality_of_name(name) == modality
 
 
 def test_match_assigns_the_volumes_of_a_real_case_folder(brats_case_001):
     # Slicer names a loaded volume after its file without the image extension.
     names = sorted(p.name.removesuffix(".nii.gz") for p in brats_case_001.iterdir())
-    match = slicer_support.match_volume_names(names)
+    match = slicer_inputs.match_volume_names(names)
     assert {m: names[i] for m, i in match.assigned.items()} == {
         m: f"BraTS20_Training_001_{m}" for m in ("t1", "t1ce", "t2", "flair")}
     assert match.ambiguous == {}
@@ -328,30 +328,30 @@ def test_match_assigns_the_volumes_of_a_real_case_folder(brats_case_001):
 
 def test_match_leaves_ambiguous_modalities_unassigned():
     names = ["a_t1", "b_t1", "a_t1ce", "a_t2w", "a_FLAIR", "a_seg"]
-    match = slicer_support.match_volume_names(names)
+    match = slicer_inputs.match_volume_names(names)
     assert match.assigned == {"t1ce": 2, "t2": 3, "flair": 4}
     assert match.ambiguous == {"t1": [0, 1]}
 
 
 def test_input_problems_name_missing_and_shared_volumes():
-    assert slicer_support.input_problems({"t1": ("n1", "a"), "t1ce": ("n2", "b"), "t2": ("n3", "c"), "flair": ("n4", "d")}) == ([], [])
-    missing, duplicates = slicer_support.input_problems({"t1": ("n1", "a"), "t1ce": None, "t2": ("n1", "a"), "flair": ("n4", "d")})
+    assert slicer_inputs.input_problems({"t1": ("n1", "a"), "t1ce": ("n2", "b"), "t2": ("n3", "c"), "flair": ("n4", "d")}) == ([], [])
+    missing, duplicates = slicer_inputs.input_problems({"t1": ("n1", "a"), "t1ce": None, "t2": ("n1", "a"), "flair": ("n4", "d")})
     assert missing == ["t1ce"]
     assert duplicates == [("t1", "t2", "a")]
 
 
 def test_case_name_drops_the_modality_ending_and_unsafe_characters():
-    assert slicer_support.case_name_for("BraTS20_Training_001_t1ce") == "BraTS20_Training_001"
-    assert slicer_support.case_name_for("BraTS-GLI-00001-000-t1c") == "BraTS-GLI-00001-000"
-    assert slicer_support.case_name_for("patient 7/a: T1ce") == "patient_7_a"
-    assert slicer_support.case_name_for("t1ce") == "t1ce"
+    assert slicer_inputs.case_name_for("BraTS20_Training_001_t1ce") == "BraTS20_Training_001"
+    assert slicer_inputs.case_name_for("BraTS-GLI-00001-000-t1c") == "BraTS-GLI-00001-000"
+    assert slicer_inputs.case_name_for("patient 7/a: T1ce") == "patient_7_a"
+    assert slicer_inputs.case_name_for("t1ce") == "t1ce"
 
 
 # ----------------------------------------------------------------------------- the command
 
 
 def _command(tmp: Path, inputs: dict[str, Path], model: Path, device: str = "cpu") -> list[str]:
-    return slicer_support.build_command(sys.executable, inputs, tmp / "output", "BraTS20_Training_001", device, model, "brats2020")
+    return slicer_command.build_command(sys.executable, inputs, tmp / "output", "BraTS20_Training_001", device, model, "brats2020")
 
 
 def test_build_command_is_exactly_the_documented_line(tmp_path):
@@ -364,9 +364,9 @@ def test_build_command_is_exactly_the_documented_line(tmp_path):
         "-o", str(tmp_path / "output"), "--case-name", "BraTS20_Training_001", "--device", "auto",
         "--model", str(tmp_path / "m.safetensors"), "--labels", "brats2020", "--progress", "jsonl", "--overwrite"]
     # What the module's worker receives: the same line after its "<python> -m KANTumorSegLib" head.
-    assert slicer_support.worker_arguments(command) == command[3:] and command[3] == "segment"
+    assert slicer_command.worker_arguments(command) == command[3:] and command[3] == "segment"
     with pytest.raises(ValueError, match="not a"):
-        slicer_support.worker_arguments(["python", "-m", "other", "segment"])
+        slicer_command.worker_arguments(["python", "-m", "other", "segment"])
 
 
 def test_the_command_parser_accepts_every_choice_the_module_offers(tmp_path):
@@ -381,18 +381,18 @@ def test_the_command_parser_accepts_every_choice_the_module_offers(tmp_path):
     inputs = {m: tmp_path / f"{m}.nrrd" for m in ("t1", "t1ce", "t2", "flair")}
     for device in DEVICES:
         for convention in LABEL_CONVENTIONS:
-            command = slicer_support.build_command("py", inputs, tmp_path, "c", device, tmp_path / "m.safetensors", convention)
+            command = slicer_command.build_command("py", inputs, tmp_path, "c", device, tmp_path / "m.safetensors", convention)
             args = build_parser().parse_args(command[3:])
             assert (args.device, args.labels, args.progress, args.overwrite) == (device, convention, "jsonl", True)
             assert args.t1ce == inputs["t1ce"] and args.case_name == "c"
 
 
 def test_child_environment_puts_this_package_first():
-    parent = slicer_support.library_parent()
+    parent = slicer_command.library_parent()
     assert (parent / "KANTumorSegLib" / "__main__.py").is_file()
-    updates = slicer_support.child_environment({"PYTHONPATH": "/elsewhere"}, parent)
+    updates = slicer_command.child_environment({"PYTHONPATH": "/elsewhere"}, parent)
     assert updates["PYTHONPATH"] == f"{parent}{os.pathsep}/elsewhere"
-    assert slicer_support.child_environment({}, parent)["PYTHONPATH"] == str(parent)
+    assert slicer_command.child_environment({}, parent)["PYTHONPATH"] == str(parent)
     assert updates["PYTHONUNBUFFERED"] == "1"
 
 
@@ -417,15 +417,15 @@ def test_the_logic_command_runs_for_real_and_writes_an_editable_segmentation(cro
 
     inputs = _export_like_slicer(cropped_case, tmp_path / "inputs")
     command = _command(tmp_path, inputs, mixed_model)
-    environment = {**os.environ, **slicer_support.child_environment(os.environ)}
-    process = ends(slicer_support.launch(command, environment, slicer_support.library_parent()))
-    parsed = [slicer_support.parse_output_line(line) for line in process.stdout]
+    environment = {**os.environ, **slicer_command.child_environment(os.environ)}
+    process = ends(slicer_process.launch(command, environment, slicer_command.library_parent()))
+    parsed = [slicer_results.parse_output_line(line) for line in process.stdout]
     assert process.wait(timeout=300) == 0, [p.text for p in parsed]
 
     progress = [p for p in parsed if p.kind == "progress"]
     assert [p.stage for p in progress][0] == "read"
-    assert {p.stage for p in progress} == set(slicer_support.STAGE_SPANS)
-    fractions = [slicer_support.overall_fraction(p.stage, p.done, p.total) for p in progress]
+    assert {p.stage for p in progress} == set(slicer_results.STAGE_SPANS)
+    fractions = [slicer_results.overall_fraction(p.stage, p.done, p.total) for p in progress]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     assert not [p for p in parsed if p.kind == "error"]
     assert parsed[-1].kind == "done"
@@ -449,19 +449,19 @@ def test_the_logic_command_runs_for_real_and_writes_an_editable_segmentation(cro
     masks = {s["id"]: (voxels == s["labelValue"]) for s in segmentation["segments"]}
     assert sum(int(m.sum()) for m in masks.values()) > 0, "the model predicted no tumour at all"
     written = json.loads(Path(files["volumes_json"]).read_text())["regions"]
-    measured = slicer_support.volume_rows(masks, reference.GetSpacing())["regions"]
+    measured = slicer_segments.volume_rows(masks, reference.GetSpacing())["regions"]
     assert [(r["name"], r["voxels"]) for r in measured] == [(r["name"], r["voxels"]) for r in written]
 
 
 def test_an_error_reaches_the_module_as_the_commands_own_sentence(cropped_case, tiny_model, tmp_path, ends):
     inputs = _export_like_slicer(cropped_case, tmp_path / "inputs")
     inputs["t2"] = tmp_path / "inputs" / "missing_t2.nrrd"
-    process = ends(slicer_support.launch(_command(tmp_path, inputs, tiny_model), os.environ, slicer_support.library_parent()))
-    parsed = [slicer_support.parse_output_line(line) for line in process.stdout]
+    process = ends(slicer_process.launch(_command(tmp_path, inputs, tiny_model), os.environ, slicer_command.library_parent()))
+    parsed = [slicer_results.parse_output_line(line) for line in process.stdout]
     code = process.wait(timeout=120)
     errors = [p.text for p in parsed if p.kind == "error"]
     assert code == 2
-    message = slicer_support.failure_message(errors, code)
+    message = slicer_results.failure_message(errors, code)
     assert message == errors[-1] and "missing_t2.nrrd" in message
     assert not (tmp_path / "output").exists() or not any((tmp_path / "output").iterdir())
 
@@ -474,12 +474,12 @@ def test_cancel_stops_the_launcher_and_the_python_it_started(cropped_case, tiny_
     inputs = _export_like_slicer(cropped_case, tmp_path / "inputs")
     launcher = "import subprocess, sys; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); sys.exit(p.wait())"
     command = [sys.executable, "-c", launcher, *_command(tmp_path, inputs, tiny_model)]
-    process = ends(slicer_support.launch(command, os.environ, slicer_support.library_parent()))
+    process = ends(slicer_process.launch(command, os.environ, slicer_command.library_parent()))
     child = int(process.stdout.readline())
     for line in process.stdout:
-        if slicer_support.parse_output_line(line).kind == "progress":
+        if slicer_results.parse_output_line(line).kind == "progress":
             break
-    slicer_support.terminate_tree(process)
+    slicer_process.terminate_tree(process)
     assert process.returncode != 0
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and _alive(child):
@@ -512,33 +512,33 @@ def test_parse_output_line_reads_what_the_command_prints(capsys):
 
     jsonl_progress("segment", 12, 90)
     line = capsys.readouterr().out
-    parsed = slicer_support.parse_output_line(line)
+    parsed = slicer_results.parse_output_line(line)
     assert (parsed.kind, parsed.stage, parsed.done, parsed.total) == ("progress", "segment", 12, 90)
-    done = slicer_support.parse_output_line('{"stage": "done", "case": "c", "device": "cpu", "files": {"segmentation": "/o/c.seg.nrrd"}}\n')
+    done = slicer_results.parse_output_line('{"stage": "done", "case": "c", "device": "cpu", "files": {"segmentation": "/o/c.seg.nrrd"}}\n')
     assert done.kind == "done" and done.files == {"segmentation": "/o/c.seg.nrrd"}
-    error = slicer_support.parse_output_line("kantumorseg: error: The T2 file /x does not exist.\n")
+    error = slicer_results.parse_output_line("kantumorseg: error: The T2 file /x does not exist.\n")
     assert (error.kind, error.text) == ("error", "The T2 file /x does not exist.")
-    internal = slicer_support.parse_output_line("kantumorseg: internal error: ValueError: bad; no output was written.")
+    internal = slicer_results.parse_output_line("kantumorseg: internal error: ValueError: bad; no output was written.")
     assert internal.kind == "error" and internal.text.startswith("Internal error: ValueError")
-    warning = slicer_support.parse_output_line("kantumorseg: warning: T2 resampled onto the T1ce grid\n")
+    warning = slicer_results.parse_output_line("kantumorseg: warning: T2 resampled onto the T1ce grid\n")
     assert (warning.kind, warning.text) == ("warning", "T2 resampled onto the T1ce grid")
-    assert slicer_support.parse_output_line("{not json").kind == "text"
-    assert slicer_support.parse_output_line('{"stage": "segment"}').kind == "text"
+    assert slicer_results.parse_output_line("{not json").kind == "text"
+    assert slicer_results.parse_output_line('{"stage": "segment"}').kind == "text"
 
 
 def test_overall_fraction_spans_the_run_in_order():
-    assert slicer_support.overall_fraction("read", 0, 4) == 0.0
-    assert slicer_support.overall_fraction("write", 4, 4) == 1.0
-    assert slicer_support.overall_fraction("unknown", 1, 2) is None
+    assert slicer_results.overall_fraction("read", 0, 4) == 0.0
+    assert slicer_results.overall_fraction("write", 4, 4) == 1.0
+    assert slicer_results.overall_fraction("unknown", 1, 2) is None
     steps = [("read", 4, 4), ("preprocess", 1, 10), ("preprocess", 10, 10), ("segment", 5, 50), ("segment", 50, 50), ("write", 2, 4)]
-    values = [slicer_support.overall_fraction(*s) for s in steps]
+    values = [slicer_results.overall_fraction(*s) for s in steps]
     assert values == sorted(values) and all(0 <= v <= 1 for v in values)
 
 
 def test_failure_message_without_an_error_line():
-    assert "exit code 1" in slicer_support.failure_message([], 1)
-    assert "stopped" in slicer_support.failure_message([], 143)
-    assert slicer_support.failure_message(["first.", "last."], 2) == "last."
+    assert "exit code 1" in slicer_results.failure_message([], 1)
+    assert "stopped" in slicer_results.failure_message([], 143)
+    assert slicer_results.failure_message(["first.", "last."], 2) == "last."
 
 
 # ----------------------------------------------------------------------------- volume table
@@ -550,11 +550,11 @@ def test_volume_rows_of_the_expert_segmentation_equal_the_library_measure(brats_
     seg = sitk.ReadImage(str(brats_case_001 / "BraTS20_Training_001_seg.nii.gz"))
     labels = sitk.GetArrayFromImage(seg)
     masks = {s.id: labels == s.label for s in SEGMENTS}
-    rows = slicer_support.volume_rows(masks, seg.GetSpacing())
+    rows = slicer_segments.volume_rows(masks, seg.GetSpacing())
     assert rows == tumour_volumes(labels, seg.GetSpacing())
     assert [r["name"] for r in rows["regions"]] == [name for name, _ in VOLUME_ROWS]
     assert all(r["volume_ml"] > 0 for r in rows["regions"])
-    regions = slicer_support.region_masks(labels)
+    regions = slicer_segments.region_masks(labels)
     for segment_id in ("WT", "TC"):
         np.testing.assert_array_equal(regions[segment_id], region_mask(labels, segment_id))
 
@@ -566,15 +566,15 @@ def test_compose_labels_lets_inner_classes_win_where_edits_overlap():
     ed[:, :3] = True
     ncr[:, 1:] = True
     et[0, :] = True
-    labels = slicer_support.compose_labels({"NCR": ncr, "ED": ed, "ET": et})
+    labels = slicer_segments.compose_labels({"NCR": ncr, "ED": ed, "ET": et})
     assert labels[1].tolist() == [2, 1, 1, 1]
     assert labels[0].tolist() == [4, 4, 4, 4]
-    only_ed = slicer_support.compose_labels({"NCR": None, "ED": ed, "ET": None})
+    only_ed = slicer_segments.compose_labels({"NCR": None, "ED": ed, "ET": None})
     assert set(np.unique(only_ed)) == {0, 2}
 
 
 def test_terminology_entry_has_the_seven_fields_slicer_expects():
-    entry = slicer_support.terminology_entry(SEGMENTS[2].type_code)
+    entry = slicer_segments.terminology_entry(SEGMENTS[2].type_code)
     fields = entry.split("~")
     assert len(fields) == 7
     assert fields[2] == "SCT^86049000^Neoplasm, Primary"
@@ -585,60 +585,60 @@ def test_terminology_entry_has_the_seven_fields_slicer_expects():
 
 
 def test_closed_surfaces_start_off_only_on_large_grids():
-    assert slicer_support.show_3d_by_default(240 * 240 * 155)
-    assert not slicer_support.show_3d_by_default(512 * 512 * 160)
+    assert slicer_results.show_3d_by_default(240 * 240 * 155)
+    assert not slicer_results.show_3d_by_default(512 * 512 * 160)
     text = MODULE.read_text()
-    assert "if slicer_support.show_3d_by_default(" in text and "segmentationShow3DButton" in text
+    assert "if slicer_results.show_3d_by_default(" in text and "segmentationShow3DButton" in text
 
 
 def test_confidence_starts_on_only_on_a_cuda_gpu():
-    assert slicer_support.confidence_by_default("cuda", None)
-    assert slicer_support.confidence_by_default("auto", "cuda")
-    assert not slicer_support.confidence_by_default("auto", "cpu")
-    assert not slicer_support.confidence_by_default("auto", None)
-    assert not slicer_support.confidence_by_default("cpu", "cuda")
-    assert not slicer_support.confidence_by_default("mps", "mps")
+    assert slicer_results.confidence_by_default("cuda", None)
+    assert slicer_results.confidence_by_default("auto", "cuda")
+    assert not slicer_results.confidence_by_default("auto", "cpu")
+    assert not slicer_results.confidence_by_default("auto", None)
+    assert not slicer_results.confidence_by_default("cpu", "cuda")
+    assert not slicer_results.confidence_by_default("mps", "mps")
 
 
 def test_requirements_compare_versions_without_importing(tmp_path):
     path = tmp_path / "requirements.txt"
     path.write_text("# comment\ntorch>=2.1\n\nslicerio >= 1.1  # why\n")
-    requirements = slicer_support.read_requirements(path)
+    requirements = slicer_requirements.read_requirements(path)
     assert requirements == [("torch", (2, 1), "torch>=2.1"), ("slicerio", (1, 1), "slicerio >= 1.1")]
     installed = {"torch": "2.4.1+cu121", "slicerio": "1.0.9"}
-    assert slicer_support.unmet_requirements(requirements, installed.get) == ["slicerio >= 1.1"]
-    assert slicer_support.unmet_requirements(requirements, {}.get) == ["torch>=2.1", "slicerio >= 1.1"]
-    assert slicer_support.version_tuple("2.10.0rc1") == (2, 10, 0)
-    assert slicer_support.installed_version("no-such-distribution-kantumorseg") is None
+    assert slicer_requirements.unmet_requirements(requirements, installed.get) == ["slicerio >= 1.1"]
+    assert slicer_requirements.unmet_requirements(requirements, {}.get) == ["torch>=2.1", "slicerio >= 1.1"]
+    assert slicer_requirements.version_tuple("2.10.0rc1") == (2, 10, 0)
+    assert slicer_requirements.installed_version("no-such-distribution-kantumorseg") is None
     path.write_text("torch\n")
     with pytest.raises(ValueError, match="name>=version"):
-        slicer_support.read_requirements(path)
+        slicer_requirements.read_requirements(path)
 
 
 def test_result_notes_read_warnings_and_ranges_and_tolerate_their_absence(tmp_path):
     written = {"regions": [{"name": "ED", "voxels": 10, "volume_ml": 0.01, "range_ml": [0.008, 0.012]},
                            {"name": "ET", "voxels": 5, "volume_ml": 0.005}],
                "warnings": [{"code": "misaligned", "message": "FLAIR is not aligned with T1ce."}]}
-    notes = slicer_support.result_notes(written)
+    notes = slicer_results.result_notes(written)
     assert notes.warnings == ["FLAIR is not aligned with T1ce."] and notes.ranges == {"ED": (0.008, 0.012)}
-    assert slicer_support.current_ranges(notes, [{"name": "ED", "voxels": 10}, {"name": "ET", "voxels": 5}]) == {"ED": (0.008, 0.012)}
-    assert slicer_support.current_ranges(notes, [{"name": "ED", "voxels": 9}]) == {}
-    assert slicer_support.range_text((165.21, 180.08)) == "165.2-180.1" and slicer_support.range_text(None) == ""
-    empty = slicer_support.result_notes({"regions": [{"name": "ED", "voxels": 10, "volume_ml": 0.01}]})
+    assert slicer_results.current_ranges(notes, [{"name": "ED", "voxels": 10}, {"name": "ET", "voxels": 5}]) == {"ED": (0.008, 0.012)}
+    assert slicer_results.current_ranges(notes, [{"name": "ED", "voxels": 9}]) == {}
+    assert slicer_results.range_text((165.21, 180.08)) == "165.2-180.1" and slicer_results.range_text(None) == ""
+    empty = slicer_results.result_notes({"regions": [{"name": "ED", "voxels": 10, "volume_ml": 0.01}]})
     assert empty.warnings == [] and empty.ranges == {}
     volumes = tmp_path / "c_volumes.json"
-    assert slicer_support.confidence_file({"volumes_json": str(volumes)}) is None
+    assert slicer_results.confidence_file({"volumes_json": str(volumes)}) is None
     (tmp_path / "c_confidence.nii.gz").write_bytes(b"")
-    assert slicer_support.confidence_file({"volumes_json": str(volumes)}) == tmp_path / "c_confidence.nii.gz"
-    assert slicer_support.confidence_file({"confidence": str(volumes)}) is None
+    assert slicer_results.confidence_file({"volumes_json": str(volumes)}) == tmp_path / "c_confidence.nii.gz"
+    assert slicer_results.confidence_file({"confidence": str(volumes)}) is None
 
 
 def test_build_command_adds_confidence_only_when_asked(tmp_path):
     from KANTumorSegLib.cli import build_parser
 
     inputs = {m: tmp_path / f"{m}.nrrd" for m in ("t1", "t1ce", "t2", "flair")}
-    plain = slicer_support.build_command("py", inputs, tmp_path, "c", "cuda", tmp_path / "m.safetensors", "brats2020")
-    with_confidence = slicer_support.build_command("py", inputs, tmp_path, "c", "cuda", tmp_path / "m.safetensors", "brats2020", True)
+    plain = slicer_command.build_command("py", inputs, tmp_path, "c", "cuda", tmp_path / "m.safetensors", "brats2020")
+    with_confidence = slicer_command.build_command("py", inputs, tmp_path, "c", "cuda", tmp_path / "m.safetensors", "brats2020", True)
     assert with_confidence == plain + ["--confidence"]
     try:
         args = build_parser().parse_args(with_confidence[3:])

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from KANTumorSegLib import slicer_support
+from KANTumorSegLib import slicer_segments
 from KANTumorSegLib.labels import SEGMENTS
 
 EXCERPTS = Path(__file__).resolve().parent / "slicer_terminology"
@@ -89,9 +89,72 @@ def test_every_segment_of_the_written_seg_nrrd_is_in_slicers_terminology(tmp_pat
 
 
 def test_the_region_segments_the_module_adds_are_in_slicers_terminology():
-    for _, name, color in slicer_support.REGION_SEGMENTS:
-        fields = slicer_support.region_terminology_entry().split("~")
+    for _, name, color in slicer_segments.REGION_SEGMENTS:
+        fields = slicer_segments.region_terminology_entry().split("~")
         assert len(fields) == 7, name
         context, category, type_code, _, anatomic_context, region, _ = fields
         found = _check(context, category.split("^"), type_code.split("^"), anatomic_context, region.split("^"))
         assert "recommendedDisplayRGBValue" not in found or list(color) == [v / 255 for v in found["recommendedDisplayRGBValue"]]
+
+
+# ----------------------------------------------------------------------------- Slicer's own terminology logic
+
+
+def _slicer_type(terminologies, entry_string: str):
+    """The type of a terminology entry string as Slicer's Terminologies logic finds it among its
+    loaded files (in the entry's own context and category), with its region checked; None when
+    Slicer would show the segment as an unknown terminology."""
+    import slicer
+
+    entry = slicer.vtkSlicerTerminologyEntry()
+    assert terminologies.DeserializeTerminologyEntry(entry_string, entry), entry_string
+    context, category, wanted = entry.GetTerminologyContextName(), entry.GetCategoryObject(), entry.GetTypeObject()
+    region_context, region = entry.GetRegionContextName(), entry.GetRegionObject()
+    regions = [slicer.vtkSlicerTerminologyType() for _ in range(terminologies.GetNumberOfRegionsInRegionContext(region_context))]
+    for index, found in enumerate(regions):
+        terminologies.GetNthRegionInRegionContext(region_context, index, found)
+    if not any(found.GetCodeValue() == region.GetCodeValue() for found in regions):
+        return None
+    for index in range(terminologies.GetNumberOfTypesInTerminologyCategory(context, category)):
+        found = slicer.vtkSlicerTerminologyType()
+        terminologies.GetNthTypeInTerminologyCategory(context, category, index, found)
+        if (found.GetCodingSchemeDesignator(), found.GetCodeValue()) == (wanted.GetCodingSchemeDesignator(), wanted.GetCodeValue()):
+            return found
+    return None
+
+
+def test_slicers_terminology_logic_finds_every_segment_the_module_shows(tmp_path):
+    """The .seg.nrrd read by Slicer's own segmentation storage node (slicer-core), its segments'
+    terminology resolved by Slicer's Terminologies logic with the terminology files loaded, and
+    the entry of the WT and TC segments: every type is found, with the recommended colour."""
+    pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e '.[dev]' installs it)")
+    import SimpleITK as sitk
+    from slicer_harness import SlicerHarness
+
+    from KANTumorSegLib.outputs import write_segmentation
+
+    if "SLICER_TERMINOLOGIES_DIR" in os.environ:
+        pytest.skip("the harness loads the bundled excerpts")
+    labels = np.zeros((4, 4, 4), dtype=np.uint8)
+    labels[0, 0, :3] = [1, 2, 4]
+    path = tmp_path / "case.seg.nrrd"
+    write_segmentation(path, sitk.GetImageFromArray(labels))
+    harness = SlicerHarness(tmp_path)
+    terminologies = harness.logics["Terminologies"]
+    node = harness.new_segmentation("case")
+    storage = harness.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    segmentation = node.GetSegmentation()
+    assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == [s.id for s in SEGMENTS]
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        found = _slicer_type(terminologies, segment.GetTerminology())
+        assert found is not None, f"Slicer does not find the terminology of {segment.GetName()}: {segment.GetTerminology()}"
+        expected = SEGMENTS[index]
+        if expected.type_code[1] != "86049000":  # Neoplasm, Primary has no recommended colour
+            np.testing.assert_allclose(segment.GetColor(), [v / 255 for v in found.GetRecommendedDisplayRGBValue()], atol=1 / 255)
+    assert _slicer_type(terminologies, slicer_segments.region_terminology_entry()) is not None
+    general = slicer_segments.region_terminology_entry().replace(
+        "DICOM master list~", "3D Slicer General Anatomy list~", 1)
+    assert _slicer_type(terminologies, general) is None, "the General Anatomy list has no neoplasm type (issue 13)"

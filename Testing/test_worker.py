@@ -1,6 +1,6 @@
 """``kantumorseg worker``: segment requests in one long-lived process give the command's results.
 
-Real subprocesses: the worker is started by the Slicer module's client (slicer_support.Worker,
+Real subprocesses: the worker is started by the Slicer module's client (slicer_process.Worker,
 this machine's Python standing in for PythonSlicer) and compared with the plain command run in
 its own process, on real BraTS crops (8 and 30 axial slices of BraTS20_Training_001) with
 random-weights models of base width 4, so that each run takes seconds on 2 CPU cores.
@@ -20,7 +20,7 @@ import processes
 import pytest
 import SimpleITK as sitk
 
-from KANTumorSegLib import slicer_support
+from KANTumorSegLib import slicer_command, slicer_process
 from KANTumorSegLib.progress import parse_progress_line
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def worker():
     """A worker started as the Slicer module starts it; stopped after the test."""
-    started = slicer_support.Worker(sys.executable, {**os.environ, **slicer_support.child_environment(os.environ)})
+    started = slicer_process.Worker(sys.executable, {**os.environ, **slicer_command.child_environment(os.environ)})
     started.start()
     yield started
     started.stop()
@@ -39,7 +39,7 @@ def request(case: Path, out: Path, model: Path, *extra: str) -> list[str]:
     return ["segment", str(case), "-o", str(out), "--model", str(model), "--device", "cpu", "--progress", "jsonl", *extra]
 
 
-def through_worker(worker: slicer_support.Worker, argv: list[str]) -> tuple[int, list[str], float]:
+def through_worker(worker: slicer_process.Worker, argv: list[str]) -> tuple[int, list[str], float]:
     """(exit code, output lines, seconds) of one request."""
     start = time.monotonic()
     run = worker.submit(argv)
@@ -131,7 +131,7 @@ def test_a_failed_request_is_the_commands_failure_and_the_worker_goes_on(worker,
 
 
 def test_the_protocol_refuses_other_requests_and_ends_at_the_end_of_its_input():
-    # Raw stdin and stdout, as a client other than slicer_support would see them.
+    # Raw stdin and stdout, as a client other than slicer_process would see them.
     requests = "\n".join(['{"ping": true}', '{"argv": ["info"]}', "not json", '{"argv": "segment"}', ""])
     done = processes.run([sys.executable, "-m", "KANTumorSegLib", "worker"], input=requests, capture_output=True,
                          text=True, timeout=60, cwd=REPO)
@@ -150,13 +150,13 @@ def test_the_worker_ends_when_its_client_closes_its_input(worker):
 
 
 def test_the_worker_exits_after_its_idle_timeout():
-    idle = slicer_support.Worker(sys.executable, {**os.environ, **slicer_support.child_environment(os.environ)},
+    idle = slicer_process.Worker(sys.executable, {**os.environ, **slicer_command.child_environment(os.environ)},
                                  idle_timeout_s=1.0)
     idle.start()
     try:
         assert idle.process.wait(timeout=30) == 0
         assert not idle.alive()
-        with pytest.raises(slicer_support.WorkerError):
+        with pytest.raises(slicer_process.WorkerError):
             idle.submit(["segment", "--help"])
     finally:
         idle.stop()
@@ -198,9 +198,9 @@ def test_through_a_launcher_requests_run_and_stop_reaches_the_python_it_started(
     code = "import subprocess, sys; sys.exit(subprocess.Popen(sys.argv[1:]).wait())"
     launcher.write_text(f"#!/bin/sh\nexec \"{sys.executable}\" -c '{code}' \"{sys.executable}\" \"$@\"\n")
     launcher.chmod(0o755)
-    environment = {**os.environ, **slicer_support.child_environment(os.environ)}
+    environment = {**os.environ, **slicer_command.child_environment(os.environ)}
 
-    idle = slicer_support.Worker(launcher, environment)
+    idle = slicer_process.Worker(launcher, environment)
     idle.start()
     ends(idle.process)
     [child] = _children(idle.process.pid)
@@ -208,7 +208,7 @@ def test_through_a_launcher_requests_run_and_stop_reaches_the_python_it_started(
     idle.stop()
     assert idle.process.returncode == 0 and not _alive(child)
 
-    busy = slicer_support.Worker(launcher, environment)
+    busy = slicer_process.Worker(launcher, environment)
     busy.start()
     ends(busy.process)
     [child] = _children(busy.process.pid)

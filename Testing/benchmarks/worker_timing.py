@@ -4,8 +4,8 @@ on one device, with how live the caller's (Slicer's main) thread stays during th
 
 Slicer starts one run per click. Without a worker every click is a fresh process (Python, the
 torch import, the GPU start-up and the model load each time). A cold worker
-(``slicer_support.Worker``) pays them on its first request. The module warms its worker when it
-is entered (``slicer_support.BackgroundStart`` with ``warmup_request``: the worker starts and
+(``slicer_process.Worker``) pays them on its first request. The module warms its worker when it
+is entered (``slicer_process.BackgroundStart`` with ``warmup_request``: the worker starts and
 segments a small synthetic phantom in a thread), so that the first click costs what later ones
 do; issue 13's goal: under 2 s on a GPU once the warm-up has finished, the user interface live
 during it. Every run segments BraTS20_Training_001 into its own new folder with the module's
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark import case_files  # noqa: E402
 
-from KANTumorSegLib.slicer_support import BackgroundStart, Worker, warmup_request  # noqa: E402
+from KANTumorSegLib.slicer_process import BackgroundStart, Worker, warmup_request  # noqa: E402
 from KANTumorSegLib.weights import default_model_path  # noqa: E402
 
 TICK_S = 0.010
