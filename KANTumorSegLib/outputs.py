@@ -23,8 +23,9 @@ from .labels import SEGMENTS, terminology, to_convention
 from .measurements import volumes_csv
 
 
-def output_names(case: str, confidence: bool = False) -> dict[str, str]:
-    """The file name of each output of a case (with ``--confidence``, its confidence map too)."""
+def output_names(case: str, confidence: bool = False, prepare: bool = False) -> dict[str, str]:
+    """The file name of each output of a case (with ``--confidence``, its confidence map too; with
+    ``--prepare``, its brain mask)."""
     names = {
         "labelmap": f"{case}_seg.nii.gz",
         "segmentation": f"{case}.seg.nrrd",
@@ -34,6 +35,8 @@ def output_names(case: str, confidence: bool = False) -> dict[str, str]:
     }
     if confidence:
         names["confidence"] = f"{case}_confidence.nii.gz"
+    if prepare:
+        names["brain_mask"] = f"{case}_brain_mask.nii.gz"
     return names
 
 
