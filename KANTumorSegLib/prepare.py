@@ -65,12 +65,11 @@ def isotropic_grid(reference: sitk.Image, spacing: float = ISOTROPIC_MM) -> sitk
     margin: the air around it would only slow registration and inference down."""
     from .input_checks import foreground
 
-    values = sitk.GetArrayViewFromImage(reference)
-    head = np.argwhere(foreground(values))
-    if head.size == 0:
-        head = np.argwhere(np.ones(values.shape, dtype=bool))
-    box = sitk.RegionOfInterest(reference, [int(v) for v in (head.max(axis=0) - head.min(axis=0) + 1)[::-1]],
-                                [int(v) for v in head.min(axis=0)[::-1]])
+    head = foreground(sitk.GetArrayViewFromImage(reference))
+    # Per array axis (z, y, x), the first and last index holding head (read_image refuses a
+    # constant image, so there is one).
+    ends = [np.nonzero(head.any(axis=tuple(a for a in range(3) if a != axis)))[0][[0, -1]] for axis in range(3)]
+    box = sitk.RegionOfInterest(reference, [int(e[1] - e[0] + 1) for e in ends[::-1]], [int(e[0]) for e in ends[::-1]])
     low, high = physical_bounds(box)
     low, high = low - HEAD_MARGIN_MM, high + HEAD_MARGIN_MM
     size = [int(np.ceil((h - lo) / spacing)) + 1 for lo, h in zip(low, high)]
