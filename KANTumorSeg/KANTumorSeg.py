@@ -409,6 +409,9 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onProgress(self, stage: str, done: int, total: int, fraction: Optional[float]) -> None:
         stageTitles = {
             "read": _("Reading images"),
+            # Prepare raw scans: the bar holds at the end of reading while these run (up to a minute).
+            "register": _("Registering series onto the T1ce"),
+            "skull-strip": _("Skull-stripping"),
             "preprocess": _("Preparing slices"),
             "segment": _("Segmenting slices"),
             "write": _("Writing results"),
