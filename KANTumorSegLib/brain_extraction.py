@@ -81,9 +81,16 @@ def coarse_brain_ml(t1: np.ndarray, spacing: tuple[float, float, float]) -> floa
     from deepbet.utils import DATA_PATH, load_model, normalize
 
     model = load_model(f"{DATA_PATH}/models/bbox_model.pt", no_gpu=True)
-    small = F.interpolate(torch.from_numpy(np.ascontiguousarray(t1[::-1, ::-1, :], dtype=np.float32))[None, None],
+    # Padded with background to a cube in millimetres: a slab stretched to a cube would show the
+    # network a brain of no real shape (a skull-stripped 30 mm slab then read as 1.5 brains' worth).
+    extent = np.array(t1.shape) * np.array(spacing)
+    padded_shape = np.maximum(np.round(extent.max() / np.array(spacing)).astype(int), t1.shape)
+    before = (padded_shape - np.array(t1.shape)) // 2
+    cube = np.full(padded_shape, float(t1.min()), dtype=np.float32)
+    cube[tuple(slice(b, b + n) for b, n in zip(before, t1.shape))] = t1
+    small = F.interpolate(torch.from_numpy(np.ascontiguousarray(cube[::-1, ::-1, :]))[None, None],
                           COARSE_SHAPE, mode="nearest-exact")[0, 0]
     with torch.inference_mode():
         probability = model(normalize(small, small.quantile(0.005), small.quantile(0.995))[None, None])[0, 1]
-    voxel_ml = float(np.prod(np.array(t1.shape) * np.array(spacing) / np.array(COARSE_SHAPE))) / 1000.0
+    voxel_ml = float(np.prod(padded_shape * np.array(spacing) / np.array(COARSE_SHAPE))) / 1000.0
     return int((probability > 0.5).sum()) * voxel_ml

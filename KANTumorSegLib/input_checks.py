@@ -28,9 +28,12 @@ MAX_BRAIN_ML = 2200.0
 with skull and scalp holds 3,000 mL or more (3,022 mL for the crafted skull-on case)."""
 MAX_HEAD_TO_BRAIN = 1.3
 """Foreground volume over the brain that deepbet's coarse network finds in the T1 (checked only
-where ``kantumorseg[prepare]`` is installed): 0.97-1.07 in the shared cases, 1.67-2.19 for the
-real skull-on head of the shared samples, whole or cut to its upper half or a central slab (1,321-
-1,405 mL of foreground, under MAX_BRAIN_ML: a partial field of view, or a child's head)."""
+where ``kantumorseg[prepare]`` is installed): 0.97-1.04 in the 19 shared cases, 2.20 for the real
+skull-on head of the shared samples. It catches a whole head with under MAX_BRAIN_ML of tissue (a
+child's); it misses part of a head (the skull-on head's upper half 1.21, its central third 1.03)."""
+MIN_HEAD_EXTENT_MM = 100.0
+"""The coarse network is asked only about a T1 at least this wide along each axis: on a slab, where
+it has no brain-shaped view, its answer means nothing (and it would cost 2 s for nothing)."""
 MIN_COVERAGE = 0.8
 """Fraction of the T1ce foreground a modality must cover (lowest in the shared cases: 0.926)."""
 MAX_EMPTY_SLICES = 0.1
@@ -111,7 +114,7 @@ def skull_ratio(t1: np.ndarray, spacing: tuple[float, float, float], foreground_
     where the optional ``[prepare]`` packages are not installed or it finds no brain."""
     from .brain_extraction import coarse_brain_ml, prepare_available
 
-    if not prepare_available():
+    if min(np.array(t1.shape) * np.array(spacing)) < MIN_HEAD_EXTENT_MM or not prepare_available():
         return None
     brain_ml = coarse_brain_ml(t1, spacing)
     return foreground_ml / brain_ml if brain_ml > 0 else None

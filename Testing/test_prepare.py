@@ -172,3 +172,21 @@ def test_the_brain_mask_keeps_the_expert_tumour(brats_samples: Path, case: str):
     mask = sitk.GetArrayFromImage(BrainExtractor(torch.device("cpu")).mask([read("t1ce"), read("t1")])) > 0
     truth = sitk.GetArrayFromImage(read("seg")) > 0
     assert (mask & truth).sum() >= 0.99 * truth.sum()
+
+
+@needs_prepare
+def test_a_small_whole_head_is_not_skull_stripped_by_the_second_cue(brats_samples: Path):
+    """A child's head: the real skull-on head scaled to 0.8 in each direction holds about 1,740 mL
+    of tissue, under the 2,200 mL of the first cue; deepbet's coarse brain against it flags it."""
+    from KANTumorSegLib.input_checks import MAX_BRAIN_ML, check_inputs
+
+    path = brats_samples / CHRIS / "chris_t1.nii.gz"
+    if not path.is_file():
+        pytest.skip(f"{path} is not in the shared samples")
+    head = sitk.DICOMOrient(sitk.ReadImage(str(path), sitk.sitkFloat32), "LPS")
+    spacing = tuple(s * 0.8 for s in head.GetSpacing())
+    t1 = sitk.GetArrayFromImage(head).transpose(2, 1, 0)
+    volume = np.stack([t1, t1 * 1.1 + 3, t1 * 0.9 + 5, t1 * 1.2 + 1])
+    found = {w["code"]: w["message"] for w in check_inputs(volume, spacing)}
+    assert "tissue" not in found["not_skull_stripped"] and "--prepare" in found["not_skull_stripped"]
+    assert (t1 > 20).sum() * np.prod(spacing) / 1000 < MAX_BRAIN_ML
