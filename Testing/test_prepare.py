@@ -110,16 +110,17 @@ def test_a_registration_that_fails_stops_the_command_naming_the_series(raw_case,
     folder, _ = raw_case
     case = tmp_path / "case"
     case.mkdir()
-    for m in ("t1", "t1ce", "t2"):
+    # The T1 is registered first: the command stops there, without registering the others.
+    for m in ("t1ce", "t2", "flair"):
         (case / f"raw_{m}.nii.gz").symlink_to(folder / f"raw_{m}.nii.gz")
     t1ce = sitk.ReadImage(str(folder / "raw_t1ce.nii.gz"))
     noise = sitk.GetImageFromArray(np.random.default_rng(1).integers(0, 500, sitk.GetArrayViewFromImage(t1ce).shape)
                                    .astype(np.int16))
     noise.CopyInformation(t1ce)
-    sitk.WriteImage(noise, str(case / "raw_flair.nii.gz"))
+    sitk.WriteImage(noise, str(case / "raw_t1.nii.gz"))
     done = run("segment", str(case), "-o", str(tmp_path / "out"), "--prepare", "--model", str(tiny_model), "--device", "cpu")
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("kantumorseg: error: Registering the FLAIR image onto the T1ce "
+    assert done.stderr.strip().splitlines()[-1].startswith("kantumorseg: error: Registering the T1 image onto the T1ce "
                                                             "did not converge")
     assert not (tmp_path / "out").exists()
 
@@ -157,10 +158,10 @@ def test_a_real_skull_on_head_is_warned_about_then_prepared_without_warnings(bra
 
 
 @needs_prepare
-@pytest.mark.parametrize("case", ["BraTS20_Training_001", "BraTS2021_00006", "BraTS2021_01482"])
+@pytest.mark.parametrize("case", ["BraTS2021_00006", "BraTS2021_01482"])
 def test_the_brain_mask_keeps_the_expert_tumour(brats_samples: Path, case: str):
-    """The three shared cases where the T1's or the T1ce's mask alone cut tumour (the benchmark
-    ``brain_extraction_compare.py`` runs all 19)."""
+    """The shared cases where the T1ce's mask alone (3.6 %) and the T1's alone (1.4 %) cut most
+    tumour (the benchmark ``brain_extraction_compare.py`` runs all 19: at least 99.958 % kept)."""
     import torch
 
     from KANTumorSegLib.brain_extraction import BrainExtractor
