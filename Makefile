@@ -1,5 +1,6 @@
 # Quick start: `make demo` segments a case, `make test` runs the test suite.
-# Both create .venv when it is missing and install the package with its test tools.
+# Both create .venv when it is missing and install the package with its test tools and the
+# optional --prepare packages (deepbet: about 130 MB with pandas, a few seconds; torch stays the CPU build).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch keeps the install small; override for a GPU build.
@@ -14,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[train,dev]"
+	$(PY) -m pip install -q -e ".[train,dev,prepare]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -34,6 +34,8 @@ from slicer.util import VTKObservationMixin
 
 SETTINGS_PREFIX = "KANTumorSeg/"
 REQUIREMENTS_FILE = "KANTumorSegRequirements.txt"
+PREPARE_REQUIREMENT = "deepbet>=1.0.2"
+"""The brain-extraction package of "Prepare raw scans" (pyproject.toml's [prepare]), installed on its first use only."""
 """In Resources/: the packages (with minimum versions) the library needs beyond Slicer's own numpy and SimpleITK."""
 
 
@@ -55,7 +57,9 @@ class KANTumorSeg(ScriptedLoadableModule):
 Segments a brain tumour (necrotic/non-enhancing core, edema, enhancing tumour) in four MRI volumes
 (T1, T1ce, T2, FLAIR) with a Kolmogorov-Arnold U-Net (KANU-Net 2D), and measures its volumes.
 <p><b>Inputs</b>: the four volumes must be skull-stripped (as BraTS scans are: use SwissSkullStripper or HD-BET)
-and co-registered to each other (use General Registration (BRAINS)); the model was made for such inputs only.</p>
+and co-registered to each other (use General Registration (BRAINS)); the model was made for such inputs only.
+For raw scanner series (skull on, each on its own grid) tick <b>Prepare raw scans</b>: the module registers them onto
+the T1ce and skull-strips them itself, and writes the result on the T1ce's grid.</p>
 <p>The result is an ordinary segmentation: review and correct it in Segment Editor; the volume table follows the edits.
 Research software, not a medical device.</p>
 """)
@@ -124,6 +128,7 @@ class KANTumorSegParameterNode:
     labelConvention - --labels of the command (labels of the written labelmap).
     addRegions - also make WT and TC segments, in regionsSegmentation (derived from the classes).
     confidence - --confidence of the command: a confidence map and volume ranges.
+    prepareRaw - --prepare of the command: register and skull-strip raw scanner series first.
     confidenceVolume - the last run's confidence map; showConfidence - shown over the T1ce.
     """
 
@@ -139,6 +144,7 @@ class KANTumorSegParameterNode:
     addRegions: bool = False
     regionsSegmentation: vtkMRMLSegmentationNode
     confidence: bool = False
+    prepareRaw: bool = False
     confidenceVolume: vtkMRMLScalarVolumeNode
     showConfidence: bool = True
 
@@ -393,7 +399,7 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 waitForCompletion=False, progressCallback=self.onProgress, model=p.modelPath or None,
                 labels=p.labelConvention, addRegions=p.addRegions, tableNode=p.volumeTable,
                 logCallback=self.addLog, completedCallback=self.onProcessCompleted, confidence=p.confidence,
-                regionsSegmentation=p.regionsSegmentation if p.addRegions else None)
+                regionsSegmentation=p.regionsSegmentation if p.addRegions else None, prepare=p.prepareRaw)
             self.ui.progressBar.setRange(0, 1000)
             self.ui.progressBar.value = 0
             self.ui.progressBar.setFormat(_("Starting"))
@@ -403,6 +409,9 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onProgress(self, stage: str, done: int, total: int, fraction: Optional[float]) -> None:
         stageTitles = {
             "read": _("Reading images"),
+            # Prepare raw scans: the bar holds at the end of reading while these run (up to a minute).
+            "register": _("Registering series onto the T1ce"),
+            "skull-strip": _("Skull-stripping"),
             "preprocess": _("Preparing slices"),
             "segment": _("Segmenting slices"),
             "write": _("Writing results"),
@@ -724,7 +733,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
 
     def process(self, t1, t1ce, t2, flair, outputSegmentation, device="auto", waitForCompletion=False, progressCallback=None,
                 model=None, labels="brats2020", addRegions=False, tableNode=None, logCallback=None, completedCallback=None,
-                confidence=False, regionsSegmentation=None):
+                confidence=False, regionsSegmentation=None, prepare=False):
         """Segment the tumour in four volumes into ``outputSegmentation``.
 
         :param outputSegmentation: receives the NCR, ED and ET segments when the run succeeds
@@ -743,9 +752,11 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         :param logCallback: called with each line the process prints.
         :param completedCallback: called with the task when it has completed, failed or been cancelled.
         :param confidence: ``--confidence``: a confidence map (loaded as a volume) and volume ranges.
+        :param prepare: ``--prepare``: raw scanner series are registered onto the T1ce and skull-stripped
+            first (its packages are installed on first use, after asking).
         :return: the SegmentationTask; with waitForCompletion a failure raises RuntimeError with its message.
         """
-        from KANTumorSegLib import slicer_command, slicer_inputs
+        from KANTumorSegLib import slicer_command, slicer_inputs, slicer_requirements
 
         inputs = {"t1": t1, "t1ce": t1ce, "t2": t2, "flair": flair}
         missing, duplicates = slicer_inputs.input_problems(
@@ -755,6 +766,8 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         if duplicates:
             raise ValueError(_("The four inputs must be four different volumes."))
         self.setupPythonRequirements()
+        if prepare and slicer_requirements.installed_version("deepbet") is None:
+            self._installPackages([PREPARE_REQUIREMENT])
         pythonSlicer, environment = self._childProcess()
 
         tempDir = slicer.util.tempDirectory("KANTumorSeg")
@@ -772,7 +785,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
                         modality=slicer_inputs.MODALITY_TITLES[modality], name=node.GetName(), path=files[modality]))
             command = slicer_command.build_command(
                 pythonSlicer, files, os.path.join(tempDir, "output"), slicer_inputs.case_name_for(t1ce.GetName()),
-                device, self.modelPath(model), labels, confidence)
+                device, self.modelPath(model), labels, confidence, prepare)
             logging.info(f"KANTumorSeg command: {command}")
             start = self._workerStartFor(pythonSlicer, environment, task)
         except Exception:

@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--dicom-seg", action="store_true",
                          help="also write <case>_seg.dcm, a DICOM Segmentation referencing the T1ce series (DICOM input only; "
                               "needs highdicom: pip install 'kantumorseg[dicom]')")
+    segment.add_argument("--prepare", action="store_true",
+                         help="raw scanner series: register T1, T2 and FLAIR onto the T1ce, skull-strip, segment on a 1 mm grid "
+                              "and write everything on the T1ce's own grid, with <case>_brain_mask.nii.gz (needs "
+                              "pip install 'kantumorseg[prepare]')")
     segment.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
                          help="bar on stderr, or one JSON line per step on stdout (for Slicer)")
     segment.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -138,6 +142,10 @@ def plan_cases(args: argparse.Namespace) -> list[tuple[dict[str, Path], str]]:
                                f"give one case folder with them, not {len(folders)}.")
     if args.batch_size < 1:
         raise KANTumorSegError("--batch-size must be at least 1.")
+    if args.prepare:
+        from .brain_extraction import require_prepare
+
+        require_prepare()
     cases: list[tuple[dict[str, Path], str]] = []
     folder_of: dict[str, Path | None] = {}
     for folder in folders or [None]:
@@ -159,7 +167,7 @@ def plan_cases(args: argparse.Namespace) -> list[tuple[dict[str, Path], str]]:
     if not args.overwrite:
         # segment_case refuses existing outputs too, but only when its case comes up.
         for _, case in cases:
-            refuse_existing(args.output, output_names(case, args.confidence, args.dicom_seg))
+            refuse_existing(args.output, output_names(case, args.confidence, args.dicom_seg, args.prepare))
     return cases
 
 
@@ -223,7 +231,8 @@ def run_segment(args: argparse.Namespace) -> int:
             print(f"Case {index}/{len(cases)}: {case}", file=sys.stderr, flush=True)
         try:
             result = segment_case(paths, args.output, case, args.model, args.device, args.labels,
-                                  args.overwrite, args.batch_size, progress, args.precision, args.confidence, args.dicom_seg)
+                                  args.overwrite, args.batch_size, progress, args.precision, args.confidence, args.dicom_seg,
+                                  args.prepare)
         except KANTumorSegError as error:
             if len(cases) == 1:
                 raise

@@ -26,6 +26,14 @@ FOREGROUND_FRACTION = 0.05
 MAX_BRAIN_ML = 2200.0
 """A skull-stripped brain: 1,247-1,730 mL of foreground in the 15 shared cases; an adult head
 with skull and scalp holds 3,000 mL or more (3,022 mL for the crafted skull-on case)."""
+MAX_HEAD_TO_BRAIN = 1.3
+"""Foreground volume over the brain that deepbet's coarse network finds in the T1 (checked only
+where ``kantumorseg[prepare]`` is installed): 0.97-1.04 in the 19 shared cases, 2.20 for the real
+skull-on head of the shared samples. It catches a whole head with under MAX_BRAIN_ML of tissue (a
+child's); it misses part of a head (the skull-on head's upper half 1.21, its central third 1.03)."""
+MIN_HEAD_EXTENT_MM = 100.0
+"""The coarse network is asked only about a T1 at least this wide along each axis: on a slab, where
+it has no brain-shaped view, its answer means nothing (and it would cost 2 s for nothing)."""
 MIN_COVERAGE = 0.8
 """Fraction of the T1ce foreground a modality must cover (lowest in the shared cases: 0.926)."""
 MAX_EMPTY_SLICES = 0.1
@@ -97,6 +105,21 @@ def _edge_shift(moving: np.ndarray, reference_edges: np.ndarray, interior: np.nd
     return best
 
 
+PREPARE_HINT = ("segment again with --prepare (in Slicer: Prepare raw scans), which registers and skull-strips raw "
+                "scanner series.")
+
+
+def skull_ratio(t1: np.ndarray, spacing: tuple[float, float, float], foreground_ml: float) -> float | None:
+    """The T1's foreground volume over the brain volume deepbet's coarse network finds in it; None
+    where the optional ``[prepare]`` packages are not installed or it finds no brain."""
+    from .brain_extraction import coarse_brain_ml, prepare_available
+
+    if min(np.array(t1.shape) * np.array(spacing)) < MIN_HEAD_EXTENT_MM or not prepare_available():
+        return None
+    brain_ml = coarse_brain_ml(t1, spacing)
+    return foreground_ml / brain_ml if brain_ml > 0 else None
+
+
 def check_inputs(volume: np.ndarray, spacing: tuple[float, float, float]) -> list[dict[str, str]]:
     """Warnings about a (4, X, Y, Z) model-grid volume (channels in ``MODALITIES`` order,
     ``spacing`` in mm along X, Y, Z): a list of {"code", "message"}, empty when all is well."""
@@ -122,7 +145,14 @@ def check_inputs(volume: np.ndarray, spacing: tuple[float, float, float]) -> lis
         warnings.append({"code": "not_skull_stripped", "message": (
             f"The {', '.join(NAMES[m] for m in big)} image{'s look' if len(big) > 1 else ' looks'} like a head with skull and "
             f"scalp ({largest:.0f} mL of tissue; a brain is under {MAX_BRAIN_ML:.0f} mL): the model was trained on "
-            "skull-stripped brains; skull-strip all four modalities first (e.g. HD-BET or SynthStrip), then segment again.")})
+            f"skull-stripped brains; {PREPARE_HINT}")})
+    else:
+        head_to_brain = skull_ratio(volume[MODALITIES.index("t1")], spacing, masks["t1"].sum() * voxel_ml)
+        if head_to_brain is not None and head_to_brain > MAX_HEAD_TO_BRAIN:
+            warnings.append({"code": "not_skull_stripped", "message": (
+                f"The T1 image holds {head_to_brain:.1f} times the brain that a brain-extraction network finds in it: it looks "
+                f"like a head with skull and scalp (or a partial view of one), and the model was trained on skull-stripped "
+                f"brains; {PREPARE_HINT}")})
 
     interior = _erode(ref, 4)
     # Away from the array's faces, so that the edge search's shifts never wrap around (a thin
@@ -160,8 +190,8 @@ def check_inputs(volume: np.ndarray, spacing: tuple[float, float, float]) -> lis
         if misaligned:
             warnings.append({"code": "misaligned", "message": (
                 f"The {NAMES[m]} image does not line up with the T1ce (offset about {shift_mm:.0f} mm, outline overlap "
-                f"{dice:.2f}): the four modalities must be co-registered; register {NAMES[m]} to the T1ce first (e.g. "
-                "ANTs, FSL FLIRT or BRAINSFit), then segment again.")})
+                f"{dice:.2f}): the four modalities must be co-registered; segment again with --prepare (in Slicer: "
+                "Prepare raw scans), which registers each series onto the T1ce.")})
 
     if "flair" not in partial and "t2" not in partial and interior.sum() > 1000:
         flair, t2, t1 = (sub[MODALITIES.index(m)][interior].astype(np.float64) for m in ("flair", "t2", "t1"))

@@ -23,9 +23,9 @@ from .labels import SEGMENTS, terminology, to_convention
 from .measurements import volumes_csv
 
 
-def output_names(case: str, confidence: bool = False, dicom_seg: bool = False) -> dict[str, str]:
+def output_names(case: str, confidence: bool = False, dicom_seg: bool = False, prepare: bool = False) -> dict[str, str]:
     """The file name of each output of a case (with ``--confidence``, its confidence map too;
-    with ``--dicom-seg``, its DICOM Segmentation)."""
+    with ``--dicom-seg``, its DICOM Segmentation; with ``--prepare``, its brain mask)."""
     names = {
         "labelmap": f"{case}_seg.nii.gz",
         "segmentation": f"{case}.seg.nrrd",
@@ -37,6 +37,8 @@ def output_names(case: str, confidence: bool = False, dicom_seg: bool = False) -
         names["confidence"] = f"{case}_confidence.nii.gz"
     if dicom_seg:
         names["dicom_seg"] = f"{case}_seg.dcm"
+    if prepare:
+        names["brain_mask"] = f"{case}_brain_mask.nii.gz"
     return names
 
 

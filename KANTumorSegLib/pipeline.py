@@ -41,10 +41,13 @@ def segment_case(
     precision: str = "auto",
     confidence: bool = False,
     dicom_seg: bool = False,
+    prepare: bool = False,
 ) -> SegmentResult:
     """Segment one case and write its labelmap, .seg.nrrd, volumes and overview; with
     ``confidence``, also its confidence map and a range around every volume (``confidence.py``);
-    with ``dicom_seg`` (DICOM input), a DICOM Segmentation referencing the T1ce series (``dicom.py``)."""
+    with ``dicom_seg`` (DICOM input), a DICOM Segmentation referencing the T1ce series (``dicom.py``);
+    with ``prepare``, raw scanner series are registered, resampled and skull-stripped first
+    (``prepare.py``), and its brain mask is written too."""
     import SimpleITK as sitk
 
     from . import __version__
@@ -55,15 +58,22 @@ def segment_case(
     from .volumes import labels_to_reference, load_case
     from .weights import load_model, read_card
 
-    names = output_names(case, confidence, dicom_seg)
+    names = output_names(case, confidence, dicom_seg, prepare)
     # Check the output folder, the model card and the images before importing torch (over a
     # second) and before the slow part, so that mistakes show at once.
-    stale = tuple(set(output_names(case, True, True).values()) - set(names.values()))
+    stale = tuple(set(output_names(case, True, True, True).values()) - set(names.values()))
     with AtomicOutputs(out_dir, names, overwrite, stale) as outputs:
         card = read_card(model_path)
-        progress("read", 0, 4)
-        volume, grid = load_case(paths)
-        progress("read", 4, 4)
+        prepared = None
+        if prepare:
+            from .prepare import prepare_case
+
+            prepared = prepare_case(paths, choose_device(device), progress)
+            volume, grid = prepared.volume, prepared.grid
+        else:
+            progress("read", 0, 4)
+            volume, grid = load_case(paths)
+            progress("read", 4, 4)
         input_warnings = report_input_warnings(volume, grid.grid.GetSpacing())
         torch_device = choose_device(device)
         model, card, preprocessing = load_model(model_path, card)
@@ -84,7 +94,7 @@ def segment_case(
         model_labels = postprocess(model_labels, float(np.prod(grid.grid.GetSpacing())) / 1000.0, post)
         reference_labels = labels_to_reference(model_labels, grid)
 
-        steps = 4
+        steps = 5 if prepared else 4
         progress("write", 0, steps)
         write_labelmap(outputs.path("labelmap"), reference_labels, labels)
         progress("write", 1, steps)
@@ -116,10 +126,19 @@ def segment_case(
         }
         if maps is not None:
             metadata["confidence"] = confidence_metadata
+        if prepared is not None:
+            metadata["preparation"] = prepared.report
         write_volumes(outputs.path("volumes_json"), outputs.path("volumes_csv"), volumes, metadata)
         progress("write", 3, steps)
-        write_overview(outputs.path("overview"), volume, model_labels, volumes)
-        progress("write", 4, steps)
+        if prepared is None:
+            write_overview(outputs.path("overview"), volume, model_labels, volumes)
+        else:
+            # The surgeon's own T1ce slices, as the labels are written.
+            oriented = sitk.GetArrayFromImage(sitk.DICOMOrient(reference_labels, "LPS")).transpose(2, 1, 0)
+            write_overview(outputs.path("overview"), prepared.on_reference(), oriented, volumes)
+            progress("write", 4, steps)
+            sitk.WriteImage(prepared.brain_mask, str(outputs.path("brain_mask")), useCompression=True)
+        progress("write", steps, steps)
         files = outputs.commit()
     return SegmentResult(case, files, volumes, str(predictor.device), predictor.precision, input_warnings)
 

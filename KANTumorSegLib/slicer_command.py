@@ -27,9 +27,11 @@ def build_command(
     model: str | Path,
     labels: str,
     confidence: bool = False,
+    prepare: bool = False,
 ) -> list[str]:
     """The exact ``python -m KANTumorSegLib segment ...`` command the module launches;
-    ``confidence`` adds ``--confidence`` (a confidence map and volume ranges, issue 14)."""
+    ``confidence`` adds ``--confidence`` (a confidence map and volume ranges, issue 14), ``prepare``
+    adds ``--prepare`` (raw scanner series registered and skull-stripped first, issue 18)."""
     from .preprocessing import MODALITIES
 
     command = [str(python), "-m", LIBRARY_PACKAGE, "segment"]
@@ -37,7 +39,7 @@ def build_command(
         command += [f"--{modality}", str(inputs[modality])]
     command += ["-o", str(output_dir), "--case-name", case_name, "--device", device,
                 "--model", str(model), "--labels", labels, "--progress", "jsonl", "--overwrite"]
-    return command + (["--confidence"] if confidence else [])
+    return command + (["--confidence"] if confidence else []) + (["--prepare"] if prepare else [])
 
 
 def worker_arguments(command: Sequence[str]) -> list[str]:

@@ -147,7 +147,7 @@ def test_a_head_with_skull_is_not_skull_stripped_through_the_command(brats_sampl
     assert done.returncode == 0, done.stderr
     recorded = json.loads((out / f"{CASE}_volumes.json").read_text())["warnings"]
     assert [w["code"] for w in recorded] == ["not_skull_stripped"]
-    assert "skull-strip all four modalities first" in recorded[0]["message"]
+    assert "segment again with --prepare" in recorded[0]["message"]
     assert f"kantumorseg: warning: {recorded[0]['message']}" in done.stderr.splitlines()
 
 

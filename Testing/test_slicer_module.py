@@ -130,7 +130,7 @@ def test_ui_parameter_bindings_name_parameters_of_a_type_their_widget_can_show()
             if prop.get("name") == "SlicerParameterName":
                 bound[name] = (widget.get("class"), prop.find("string").text)
     assert {p for _, p in bound.values()} == {"t1Volume", "t1ceVolume", "t2Volume", "flairVolume", "outputSegmentation",
-                                              "addRegions", "confidence", "showConfidence"}
+                                              "addRegions", "confidence", "showConfidence", "prepareRaw"}
     for name, (widget_class, parameter) in bound.items():
         assert parameter in fields, f"{name} is bound to unknown parameter {parameter}"
         assert re.search(compatible[widget_class], fields[parameter]), f"{name} ({widget_class}) cannot show {fields[parameter]}"
@@ -669,3 +669,21 @@ def test_the_extensions_index_entry_follows_slicers_catalog_schema():
     assert re.search(r"\w \(.+\)", contributors), "contributors as 'Name (Organization)', or say who fills them in"
     readme = (REPO / "README.md").read_text()
     assert "Apache-2.0" in readme
+
+
+def test_prepare_raw_scans_passes_prepare_and_the_note_points_at_it(tmp_path):
+    """Issue 18: the checkbox's parameter reaches the command as --prepare, which the command accepts."""
+    from KANTumorSegLib.cli import build_parser
+
+    inputs = {m: tmp_path / f"{m}.nrrd" for m in ("t1", "t1ce", "t2", "flair")}
+    plain = slicer_command.build_command("py", inputs, tmp_path, "c", "cpu", tmp_path / "m.safetensors", "brats2020")
+    prepared = slicer_command.build_command("py", inputs, tmp_path, "c", "cpu", tmp_path / "m.safetensors", "brats2020",
+                                            prepare=True)
+    assert prepared == plain + ["--prepare"]
+    assert build_parser().parse_args(prepared[3:]).prepare is True
+    box = _ui_widgets()["prepareRawCheckBox"]
+    assert box.find("property[@name='SlicerParameterName']/string").text == "prepareRaw"
+    assert "prepareRaw: bool = False" in MODULE.read_text() and "prepare=p.prepareRaw" in MODULE.read_text()
+    help_text = re.search(r'helpText = _\("""(.*?)"""\)', MODULE.read_text(), re.S).group(1)
+    for text in (help_text, _ui_widgets()["inputRequirementsLabel"].find("property/string").text):
+        assert "Prepare raw scans" in text
