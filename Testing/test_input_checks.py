@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from KANTumorSegLib.input_checks import check_inputs
 from KANTumorSegLib.preprocessing import MODALITIES
 from KANTumorSegLib.volumes import load_case
-from Training.data import CASE_FOLDERS
+from Training.data import CASE_FOLDERS, find_case_files
 
 CASE = "BraTS20_Training_001"
 SHARED_3D = CASE_FOLDERS
@@ -46,7 +46,8 @@ def test_no_warning_on_any_shared_brats_case(brats_samples: Path, case: str):
     folder = brats_samples / SHARED_3D[case]
     if not folder.is_dir():
         pytest.skip(f"{folder} is not in the shared BraTS samples")
-    assert codes(case_paths(folder, case)) == []
+    files, _ = find_case_files(folder)  # BraTS 2018-2021 or 2023 names
+    assert codes({m: files[m] for m in MODALITIES}) == []
 
 
 def _read(folder: Path, modality: str) -> sitk.Image:
