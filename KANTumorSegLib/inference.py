@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import KANTumorSegError, is_out_of_memory
-from .preprocessing import CropBox, PreprocessingConfig, intensity_ranges, paste, preprocess_slice
+from .preprocessing import CropBox, PreprocessingConfig, paste, preprocess_slice, volume_ranges
 from .progress import no_progress
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -193,8 +193,7 @@ def segment_volume(volume: np.ndarray, predictor: SlicePredictor, config: Prepro
     depth = volume.shape[3]
     inputs: list[np.ndarray] = []
     boxes: list[tuple[int, CropBox]] = []
-    # "volume" scaling: one range per modality for the whole case (None: each slice its own).
-    ranges = intensity_ranges(volume, config) if config.intensity_range == "volume" else None
+    ranges = volume_ranges(volume, config)
     for z, slice_ in enumerate(_axial_slices(volume)):
         prepared = preprocess_slice(slice_, config, ranges)
         if prepared is not None:

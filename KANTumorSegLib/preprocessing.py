@@ -98,6 +98,12 @@ def intensity_ranges(image: np.ndarray, config: PreprocessingConfig) -> np.ndarr
     return np.stack([low, high], axis=1)
 
 
+def volume_ranges(volume: np.ndarray, config: PreprocessingConfig) -> np.ndarray | None:
+    """The ranges every slice of a (C, X, Y, Z) volume is scaled by: the whole volume's under
+    "volume" scaling, None under "slice" (each slice then takes its own in ``preprocess_slice``)."""
+    return intensity_ranges(volume, config) if config.intensity_range == "volume" else None
+
+
 def scale_intensities(slice_: np.ndarray, config: PreprocessingConfig, ranges: np.ndarray | None = None) -> np.ndarray:
     """Scale each modality of a (C, X, Y) slice to [-1, 1] with the study's gamma, over
     ``ranges`` (C, 2), by default the slice's own (``intensity_ranges``). A constant modality

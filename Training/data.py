@@ -209,12 +209,12 @@ def build_hdf5_set(root: Path, config: PreprocessingConfig) -> SliceSet:
 def build_case_set(folder: Path, case: str, config: PreprocessingConfig) -> SliceSet:
     """Every brain slice of a NIfTI case (with and without tumour), preprocessed as the
     library's ``segment_volume`` does (with "volume" scaling, by the whole case's ranges)."""
-    from KANTumorSegLib.preprocessing import intensity_ranges
+    from KANTumorSegLib.preprocessing import volume_ranges
 
     volume, seg = read_nifti_case(folder)
     if seg.shape[:2] != CASE_SHAPE:
         raise ValueError(f"{folder}: slices of {seg.shape[:2]}, not the BraTS {CASE_SHAPE}")
-    ranges = intensity_ranges(volume, config) if config.intensity_range == "volume" else None
+    ranges = volume_ranges(volume, config)
     inputs, labels, z, corners = [], [], [], []
     for k in range(volume.shape[-1]):
         prepared = prepare_slice(volume[..., k], seg[..., k], config, ranges)

@@ -113,17 +113,16 @@ def load_datasets(config: dict, run_dir: Path | None):
         eligible = np.array([p for p in hdf5.patients if patient_group(str(p)) not in case_groups])
         val_groups = {patient_group(str(p)) for p in pick_patients(eligible, data["n_val"], random.Random(split_seed))}
         val_groups |= {patient_group(c) for c in data["val_cases"]}
-        sets = [hdf5, *cases] if data["use_hdf5"] else cases
-        keys = [[str(s.sources[i]), str(s.patients[i]), int(s.z[i])] for s in sets for i in range(len(s))]
-        train_keys = [k for k in keys if data["val_in_train"] or patient_group(k[1]) not in val_groups]
+        keys = [[str(s.sources[i]), str(s.patients[i]), int(s.z[i])] for s in [hdf5, *cases] for i in range(len(s))]
+        # Without use_hdf5 the HDF5 slices still validate with their patient's volume; they never train.
+        train_keys = [k for k in keys if (data["use_hdf5"] or k[0] != "hdf5")
+                      and (data["val_in_train"] or patient_group(k[1]) not in val_groups)]
         if data["n_patients"] is not None:
             groups = sorted({patient_group(k[1]) for k in train_keys})
             random.Random(split_seed + 1).shuffle(groups)
             kept = set(groups[: int(data["n_patients"])])
             train_keys = [k for k in train_keys if patient_group(k[1]) in kept]
-        val_keys = [k for s in [hdf5, *cases] for k in ([str(s.sources[i]), str(s.patients[i]), int(s.z[i])]
-                                                          for i in range(len(s))) if patient_group(k[1]) in val_groups]
-        split = {"seed": split_seed, "val": val_keys, "train": train_keys}
+        split = {"seed": split_seed, "val": [k for k in keys if patient_group(k[1]) in val_groups], "train": train_keys}
         split["n_train"], split["n_val"] = len(split["train"]), len(split["val"])
         split["n_train_patients"] = len({patient_group(k[1]) for k in train_keys})
     else:

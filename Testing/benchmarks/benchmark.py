@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 from KANTumorSegLib.inference import SlicePredictor, choose_precision, native_cpu_bf16, segment_volume  # noqa: E402
 from KANTumorSegLib.kan_layers import FastKANConv2d, GaussianRBF  # noqa: E402
 from KANTumorSegLib.labels import REGIONS, region_mask  # noqa: E402
-from KANTumorSegLib.preprocessing import PreprocessingConfig, intensity_ranges, paste, preprocess_slice  # noqa: E402
+from KANTumorSegLib.preprocessing import PreprocessingConfig, paste, preprocess_slice, volume_ranges  # noqa: E402
 from KANTumorSegLib.unet import KANUNet2D, ModelConfig, decode_logits  # noqa: E402
 from KANTumorSegLib.weights import card_path, read_card  # noqa: E402
 from Training.metrics import dice  # noqa: E402
@@ -237,7 +237,7 @@ def brain_slices(volume: np.ndarray, config: PreprocessingConfig) -> tuple[np.nd
     """The reference preprocessing: (N, 4, 224, 224) crops of the brain slices and their boxes
     (with "volume" scaling, by the whole volume's ranges, as segment_volume does)."""
     inputs, boxes = [], []
-    ranges = intensity_ranges(volume, config) if config.intensity_range == "volume" else None
+    ranges = volume_ranges(volume, config)
     for z in range(volume.shape[3]):
         prepared = preprocess_slice(volume[..., z], config, ranges)
         if prepared is not None:
