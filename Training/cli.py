@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="also hard-link the training caches into STAGE/part1, part2, ... "
                             "(each fits one device call: Training/scripts/device_run.sh)")
     cache.add_argument("--ranges", default="slice", help="intensity ranges to cache, comma-separated: slice, volume")
+    cache.add_argument("--test", action="store_true", help="cache and stage the test cases too (for train.test on the device)")
     grid = commands.add_parser("grid", help="run the experiment grid as parallel processes")
     grid.add_argument("--config", type=Path, required=True, help="grid YAML (base config, seeds, cells)")
     grid.add_argument("--jobs", type=int, default=4, help="runs at a time")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "cache":
         from .data import stage_cache
 
-        return _run(lambda: print(stage_cache(args.root, args.cache, args.stage, tuple(args.ranges.split(",")))))
+        return _run(lambda: print(stage_cache(args.root, args.cache, args.stage, tuple(args.ranges.split(",")), test=args.test)))
     if args.command == "grid":
         from .grid import run_grid
 

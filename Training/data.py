@@ -335,21 +335,22 @@ def save_split(split: dict, path: Path) -> None:
 
 
 def stage_cache(root: Path, cache: Path, stage: Path | None = None, ranges: tuple[str, ...] = ("slice",),
-                part_mb: float = 40.0) -> str:
+                part_mb: float = 40.0, test: bool = False) -> str:
     """Build the cache of the HDF5 slices and the training cases for each intensity range in
     ``ranges`` (the library's preprocessing otherwise at its defaults), and with ``stage``
     hard-link it into stage/part1, part2, ... of at most ``part_mb`` each: each part travels in
     one device call beside the repository (64 MiB with the 18 MB tree and the wheels), and the
     call copies it into the cache folder, which stays while the machine is warm. Test cases are
-    not cached: their figures come from the library's own inference on the CPU
-    (Training/scripts/evaluate_model.py). Returns a one-line summary."""
+    cached only with ``test``, for grids of many small runs scored on the device (``train.test``,
+    the study's Table 1); a shipped candidate's figures come from the library's own inference on
+    the CPU (Training/scripts/evaluate_model.py). Returns a one-line summary."""
     import os
 
     files = []
     for config in (PreprocessingConfig(intensity_range=r) for r in ranges):
         load_hdf5(root, cache, config)
         files.append(cache / f"{cache_name('hdf5', config)}.npy.xz")
-        for case in TRAIN_CASES:
+        for case in TRAIN_CASES + (TEST_CASES if test else ()):
             load_case(root, cache, case, config)
             files.append(cache / f"{cache_name(case, config)}.npy.xz")
     if stage is None:

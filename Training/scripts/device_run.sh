@@ -17,23 +17,32 @@
 # a process while the machine stays warm); --wait then waits for it (WAIT_S, default 560 s) and
 # packs what is there: results.tgz and the exported models in parts of at most 15 MB
 # (models.tgz.part-aa, -ab, ...; `cat models.tgz.part-* | tar xz` joins them). A call brings back
-# at most 64 MiB: beyond four parts, export the runs wanted into $OUT one by one in a later call.
+# at most 64 MiB, so it carries the first three parts; `--fetch 3` (then 6, ...) brings the rest.
 set -u
 OUT=${OUT:-out}
 # Under runs/ (ignored by git): a device call removes the untracked files that git does not ignore.
 STATE=runs/.device_state
 CACHE=.cache/slices_q8
 pack() {
-  mkdir -p runs/export
-  for run in runs/*/*/; do
+  mkdir -p runs/export runs/packed
+  # EXPORT_FROM names the grids' output folders whose runs are exported (default all): a grid of
+  # many small runs scored on the device brings back its figures, not its weights.
+  for run in runs/${EXPORT_FROM:-*}/*/; do
     name=$(basename "$run")
     [ -f "$run/best.pt" ] && [ ! -f "runs/export/$name.safetensors" ] && \
       python3 -m Training export "$run" -o "runs/export/$name.safetensors" >/dev/null 2>&1
   done
-  tar czf "$OUT/results.tgz" --exclude="*.pt" --exclude=runs/export runs 2>/dev/null
-  ls runs/export/*.safetensors >/dev/null 2>&1 && tar czf - -C runs export | split -b 15M - "$OUT/models.tgz.part-"
-  ls -la "$OUT"
+  tar czf "$OUT/results.tgz" --exclude="*.pt" --exclude=runs/export --exclude=runs/packed runs 2>/dev/null
+  rm -f runs/packed/models.tgz.part-*
+  ls runs/export/*.safetensors >/dev/null 2>&1 && tar czf - -C runs export | split -b 15M - runs/packed/models.tgz.part-
+  fetch 0
 }
+# Copies the packed model parts from number $1 on into $OUT, at most three (45 MB) a call.
+fetch() {
+  ls runs/packed/models.tgz.part-* 2>/dev/null | tail -n +$(( $1 + 1 )) | head -n 3 | xargs -r cp -t "$OUT"
+  echo "parts: $(ls runs/packed | wc -l), in this call: $(ls "$OUT" | grep -c part-)"; ls -la "$OUT"
+}
+if [ "${1:-}" = "--fetch" ]; then mkdir -p "$OUT"; fetch "${2:-3}"; exit 0; fi
 if [ "${1:-}" = "--stage" ]; then
   mkdir -p $CACHE && cp -v .stage/part*/*.npy.xz $CACHE/ | wc -l && ls $CACHE | wc -l && du -sh $CACHE
   exit 0
