@@ -81,15 +81,21 @@ def segment_case(
         chosen_precision = choose_precision(precision, torch_device, card)
         maps: dict[str, np.ndarray] | None = None
         if confidence:
-            from .confidence import ConfidencePredictor, calibration_for
+            from .confidence import ConfidencePredictor, calibration_for, doubt_percent, passes_for
             from .conformal import ConformalRanges
+            from .ensemble import ensemble_doubt, member_paths
 
-            predictor = ConfidencePredictor(model, torch_device, batch_size, chosen_precision, calibration=calibration_for(card))
-            maps = {name: np.zeros(volume.shape[1:], dtype=np.uint8) for name in predictor.MAP_NAMES}
+            member_paths(model_path, card)  # a missing member stops the run before the slow part
+            predictor = ConfidencePredictor(model, torch_device, batch_size, chosen_precision, passes=passes_for(card))
+            maps = {name: np.zeros(volume.shape[1:], dtype=dtype) for name, dtype in predictor.MAP_DTYPES.items()}
         else:
             predictor = SlicePredictor(model, torch_device, batch_size, chosen_precision)
         model_labels = segment_volume(volume, predictor, preprocessing, progress, maps=maps)
         predicted_labels = model_labels
+        if maps is not None:
+            doubt = ensemble_doubt(maps["doubt"], model_path, card, volume, predicted_labels, predictor.device, batch_size,
+                                   precision, progress)
+            maps["doubt"] = doubt_percent(doubt, calibration_for(card))
         # The card's post-processing (tiny whole-tumour parts, a trace of enhancing tumour),
         # on the model grid so the overview shows what is written.
         post = PostprocessConfig.from_dict(card.get("postprocessing"))
@@ -114,6 +120,10 @@ def segment_case(
         if maps is not None:
             confidence_metadata = write_confidence_outputs(outputs.path("confidence"), maps, predicted_labels, model_labels,
                                                            grid, written, volumes, ConformalRanges.from_card(card))
+            confidence_metadata["passes"] = predictor.passes
+            members = card.get("confidence_members") or []
+            if members:
+                confidence_metadata["members"] = {"files": members, "passes": int(card.get("confidence_member_passes", 1))}
         metadata = {
             "case": case,
             "inputs": {m: str(p) for m, p in paths.items()},
