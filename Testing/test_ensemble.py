@@ -100,3 +100,16 @@ def test_a_missing_member_stops_the_run(model_with_member: Path, small_case: Pat
                           "--confidence"], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "member1.safetensors" in done.stderr and "missing" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_export_adds_a_float16_member_beside_the_model(tiny_model: Path, mixed_model: Path, tmp_path: Path):
+    from Training.export import add_members
+
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(tiny_model.with_suffix(suffix), tmp_path / f"main{suffix}")
+    card = add_members(tmp_path / "main.safetensors", [mixed_model])
+    assert card[ensemble.CARD_KEY] == ["main_member1.safetensors"]
+    _, member_card, _ = load_model(tmp_path / "main_member1.safetensors")
+    assert member_card["weights_dtype"] == "float16" and member_card["name"] == "mixed-random"
+    assert ensemble.member_paths(tmp_path / "main.safetensors", load_model(tmp_path / "main.safetensors")[1]) == [
+        tmp_path / "main_member1.safetensors"]
