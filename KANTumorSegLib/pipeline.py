@@ -85,7 +85,8 @@ def segment_case(
             from .conformal import ConformalRanges
             from .ensemble import ensemble_doubt, member_paths
 
-            member_paths(model_path, card)  # a missing member stops the run before the slow part
+            # A missing member or a bad pass count stops the run before the slow part.
+            member_paths(model_path, card)
             predictor = ConfidencePredictor(model, torch_device, batch_size, chosen_precision, passes=passes_for(card))
             maps = {name: np.zeros(volume.shape[1:], dtype=dtype) for name, dtype in predictor.MAP_DTYPES.items()}
         else:
