@@ -113,3 +113,17 @@ def test_export_adds_a_float16_member_beside_the_model(tiny_model: Path, mixed_m
     assert member_card["weights_dtype"] == "float16" and member_card["name"] == "mixed-random"
     assert ensemble.member_paths(tmp_path / "main.safetensors", load_model(tmp_path / "main.safetensors")[1]) == [
         tmp_path / "main_member1.safetensors"]
+
+
+def test_doubt_percent_calibrates_once_and_keeps_the_unpredicted_fill_certain():
+    from KANTumorSegLib import confidence as conf
+    from KANTumorSegLib.errors import KANTumorSegError
+
+    doubt = np.array([0.0, 0.004, 0.25, 0.5, 1.0], dtype=np.float32)
+    assert conf.doubt_percent(doubt, (1.0, 0.0)).tolist() == [0, 0, 25, 50, 100]
+    # A calibration that doubts even certain voxels (2 % at raw 1) leaves the never-predicted fill at 0.
+    calibrated = conf.doubt_percent(doubt, (0.381, -0.2248))
+    assert calibrated[0] == 0 and calibrated[1] >= 1 and list(calibrated[1:]) == sorted(calibrated[1:])
+    assert conf.passes_for({}) == conf.DEFAULT_PASSES and conf.passes_for({"confidence_passes": 1}) == 1
+    with pytest.raises(KANTumorSegError, match="confidence_passes"):
+        conf.passes_for({"confidence_passes": 3})

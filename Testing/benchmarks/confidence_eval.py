@@ -285,7 +285,10 @@ def evaluate_case(name: str, folder: Path, args) -> tuple[dict, dict]:
                                                                     spacing)["regions"]} for t in range(8)]
     result["ranges"]["min-max of the 8 passes' volumes"] = {
         r: [min([p[r] for p in per_pass] + [written_ml[r]]), max([p[r] for p in per_pass] + [written_ml[r]])] for r in REGION_ORDER}
-    arrays = {"raw": stated[shipped], "wrong": wrong[shipped], "baseline": stated[baseline], "baseline_wrong": wrong[baseline]}
+    # With --ship-members the map as the command writes it for a card naming these members is the
+    # combination: the Platt scaling is fitted, and "as written" measured, on it.
+    chosen = next((k for k in stated if k.startswith("combination as written")), shipped) if args.ship_members else shipped
+    arrays = {"raw": stated[chosen], "wrong": wrong[chosen], "baseline": stated[baseline], "baseline_wrong": wrong[baseline]}
     return result, arrays
 
 
@@ -296,7 +299,7 @@ def cached_case(name: str, folder: Path, args, sha256: str) -> tuple[dict, dict]
 
     if args.cache is None:
         return evaluate_case(name, folder, args)
-    members = "".join(f"_{sha256_of(m)[:8]}" for m in args.members)
+    members = "".join(f"_{sha256_of(m)[:8]}" for m in args.members) + ("_ship" if args.ship_members else "")
     path = args.cache / f"{sha256[:16]}{members}_{name}_{args.device}_v3.npz"
     if path.exists():
         with np.load(path) as data:
@@ -449,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, help="folder keeping each case's passes' figures (reused when present)")
     parser.add_argument("--members", type=Path, nargs="*", default=[],
                         help="ensemble members' weights (each with its card) to evaluate beside the model (issue 19)")
+    parser.add_argument("--ship-members", action="store_true",
+                        help="fit the calibration and report 'as written' for the 8 passes + --members combination")
     args = parser.parse_args(argv)
     import torch
 
