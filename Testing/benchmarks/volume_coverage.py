@@ -225,8 +225,17 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"test patients {', '.join(leaked)} were trained on or calibrate the bands.")
         test = [case_volumes(case, args.model, cards[args.model]["sha256"], cache, args) for case in args.test]
 
+    # The residuals are of the written (post-processed) volumes: a fold model whose card post-processes
+    # otherwise than --model's measures another product's errors.
+    reference = cards.get(args.model, next(iter(cards.values()))).get("postprocessing")
+    differing = [str(m) for m, c in cards.items() if c.get("postprocessing") != reference]
+    if differing:
+        print(f"warning: post-processing differs from {args.model or 'the first model'}'s in {', '.join(differing)}",
+              file=sys.stderr)
     report: dict = {
         "command": "Testing/benchmarks/volume_coverage.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "postprocessing": {str(m): c.get("postprocessing") for m, c in cards.items()},
+        "postprocessing_differs": differing,
         "config": {"alpha": args.alpha, "eps_ml": args.eps_ml, "residual": "|log((written + eps) / (expert + eps))|",
                    "device": args.device, "precision": args.precision},
         "models": {str(m): {"name": c.get("name", ""), "sha256": c["sha256"]} for m, c in cards.items()},
