@@ -12,6 +12,7 @@ from .measurements import tumour_volumes, whole_tumour_parts
 from .progress import no_progress
 
 if TYPE_CHECKING:
+    from .conformal import ConformalRanges
     from .dicom import Source
 
 
@@ -80,14 +81,22 @@ def segment_case(
         chosen_precision = choose_precision(precision, torch_device, card)
         maps: dict[str, np.ndarray] | None = None
         if confidence:
-            from .confidence import ConfidencePredictor, calibration_for
+            from .confidence import ConfidencePredictor, calibration_for, doubt_percent, passes_for
+            from .conformal import ConformalRanges
+            from .ensemble import ensemble_doubt, member_paths
 
-            predictor = ConfidencePredictor(model, torch_device, batch_size, chosen_precision, calibration=calibration_for(card))
-            maps = {name: np.zeros(volume.shape[1:], dtype=np.uint8) for name in predictor.MAP_NAMES}
+            # A missing member or a bad pass count stops the run before the slow part.
+            member_paths(model_path, card)
+            predictor = ConfidencePredictor(model, torch_device, batch_size, chosen_precision, passes=passes_for(card))
+            maps = {name: np.zeros(volume.shape[1:], dtype=dtype) for name, dtype in predictor.MAP_DTYPES.items()}
         else:
             predictor = SlicePredictor(model, torch_device, batch_size, chosen_precision)
         model_labels = segment_volume(volume, predictor, preprocessing, progress, maps=maps)
         predicted_labels = model_labels
+        if maps is not None:
+            doubt = ensemble_doubt(maps["doubt"], model_path, card, volume, predicted_labels, predictor.device, batch_size,
+                                   precision, progress)
+            maps["doubt"] = doubt_percent(doubt, calibration_for(card))
         # The card's post-processing (tiny whole-tumour parts, a trace of enhancing tumour),
         # on the model grid so the overview shows what is written.
         post = PostprocessConfig.from_dict(card.get("postprocessing"))
@@ -111,7 +120,11 @@ def segment_case(
         volumes["whole_tumour_parts"] = whole_tumour_parts(written, volumes["voxel_volume_ml"])
         if maps is not None:
             confidence_metadata = write_confidence_outputs(outputs.path("confidence"), maps, predicted_labels, model_labels,
-                                                           grid, written, volumes)
+                                                           grid, written, volumes, ConformalRanges.from_card(card))
+            confidence_metadata["passes"] = predictor.passes
+            members = card.get("confidence_members") or []
+            if members:
+                confidence_metadata["members"] = {"files": members, "passes": int(card.get("confidence_member_passes", 1))}
         metadata = {
             "case": case,
             "inputs": {m: str(p) for m, p in paths.items()},
@@ -160,7 +173,7 @@ def report_input_warnings(volume: np.ndarray, spacing: tuple[float, float, float
 
 
 def write_confidence_outputs(path: Path, maps: dict[str, np.ndarray], predicted: np.ndarray, final: np.ndarray, grid,
-                             written: np.ndarray, volumes: dict) -> dict:
+                             written: np.ndarray, volumes: dict, conformal: ConformalRanges | None = None) -> dict:
     """Write the confidence map (uint8 percent on the reference grid, as the labelmap) and add
     ``range_ml`` to every region of ``volumes``; the metadata for volumes.json.
 
@@ -168,6 +181,10 @@ def write_confidence_outputs(path: Path, maps: dict[str, np.ndarray], predicted:
     after post-processing. Where post-processing changed a label, the confidence is the
     complement of the model's confidence in the label it replaced (it removed what the model
     called tumour, or renamed enhancing tumour as core).
+
+    ``conformal`` (``conformal.ConformalRanges`` of the model card, or None): the ranges then
+    come from the written volumes and the card's conformal bands, which state their coverage;
+    without, from the probability band of ``confidence.py`` (the range map).
     """
     import SimpleITK as sitk
 
@@ -183,14 +200,21 @@ def write_confidence_outputs(path: Path, maps: dict[str, np.ndarray], predicted:
     confidence_image = sitk.GetImageFromArray((100 - sitk.GetArrayViewFromImage(on_reference)).astype(np.uint8))
     confidence_image.CopyInformation(on_reference)
     sitk.WriteImage(confidence_image, str(path), useCompression=True)
-    bits = sitk.GetArrayFromImage(labels_to_reference(maps["range"], grid))
-    ranges = volume_ranges(bits, written, volumes["voxel_volume_ml"])
-    for region in volumes["regions"]:
-        region["range_ml"] = ranges[region["name"]]
-    return {
+    metadata = {
         "file": path.name,
         "meaning": "percent estimate that the written label of each voxel is right",
         "passes": DEFAULT_PASSES,
         "labels_from_passes": LABELS_FROM_PASSES,
-        "range_probability_band": [round(0.5 - RANGE_DELTA, 4), round(0.5 + RANGE_DELTA, 4)],
     }
+    if conformal is not None:
+        ranges = conformal.ranges({region["name"]: region["volume_ml"] for region in volumes["regions"]})
+        metadata["volume_ranges"] = {"method": "split conformal", "meaning": conformal.statement(),
+                                     "alpha": conformal.alpha, "eps_ml": conformal.eps_ml,
+                                     "n_patients": conformal.n_patients}
+    else:
+        bits = sitk.GetArrayFromImage(labels_to_reference(maps["range"], grid))
+        ranges = volume_ranges(bits, written, volumes["voxel_volume_ml"])
+        metadata["range_probability_band"] = [round(0.5 - RANGE_DELTA, 4), round(0.5 + RANGE_DELTA, 4)]
+    for region in volumes["regions"]:
+        region["range_ml"] = ranges[region["name"]]
+    return metadata

@@ -71,6 +71,7 @@ def load_model(weights: Path, card: dict | None = None):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .conformal import ConformalRanges
     from .postprocess import PostprocessConfig
     from .unet import KANUNet2D, ModelConfig
 
@@ -78,8 +79,9 @@ def load_model(weights: Path, card: dict | None = None):
     try:
         config = ModelConfig.from_dict(card["model"])
         preprocessing = PreprocessingConfig.from_dict(card["preprocessing"])
-        # Checked here so that a bad threshold stops the run before the slow part.
+        # Checked here so that a bad threshold or range band stops the run before the slow part.
         PostprocessConfig.from_dict(card.get("postprocessing"))
+        ConformalRanges.from_card(card)
     except (KeyError, TypeError, ValueError) as error:
         raise KANTumorSegError(f"Model card {card_path(weights)} has an invalid config: {error}.") from None
     try:
@@ -118,5 +120,14 @@ def save_model(model, weights: Path, card_fields: dict, half: bool = False) -> d
     save_file(state, str(weights))
     card = {"format": CARD_FORMAT, "model": model.config.to_dict(), **card_fields,
             "weights_dtype": "float16" if half else "float32", "sha256": sha256_of(weights)}
+    card_path(weights).write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def update_card(weights: Path, fields: dict) -> dict:
+    """Add or replace top-level ``fields`` of a weights file's card (checked first, its checksum
+    kept: the weights do not change), for what is measured after export: the conformal volume
+    ranges, the Platt scaling, the confidence members. Returns the new card."""
+    card = {**read_card(weights), **fields}
     card_path(weights).write_text(json.dumps(card, indent=2) + "\n")
     return card

@@ -23,6 +23,8 @@ def _export_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("run_dir", type=Path, help="a finished run directory (config.yaml, best.pt, results.json)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="weights file to write (.safetensors)")
     parser.add_argument("--name", default="", help="model name stored in the card")
+    parser.add_argument("--member", type=Path, action="append", default=[], metavar="WEIGHTS",
+                        help="an exported model to ship as a --confidence ensemble member (float16, beside the output; repeatable)")
     return parser
 
 
@@ -54,6 +56,11 @@ def _export(args) -> None:
 
     card = export_run(args.run_dir, args.output, args.name)
     print(f"{args.output} ({card['weights_dtype']}, sha256 {card['sha256'][:12]}...)")
+    if args.member:
+        from .export import add_members
+
+        card = add_members(args.output, args.member)
+        print(f"members: {', '.join(card['confidence_members'])} (float16)")
 
 
 def train_main(argv: list[str] | None = None) -> int:

@@ -72,3 +72,29 @@ def export_run(run_dir: Path, output: Path, name: str = "") -> dict:
     n_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     card = save_model(model, output, fields, half=n_bytes > MAX_BYTES * 0.95)
     return card
+
+
+def add_members(output: Path, members: list[Path]) -> dict:
+    """Write each member (an exported weights file with its card) beside the exported ``output`` in
+    float16, as ``<stem>_member<k>.safetensors`` with its own card (preprocessing and all), and
+    name them in ``output``'s card (``confidence_members``, ``KANTumorSegLib/ensemble.py``).
+
+    float16 halves a member so that the model and one member of its size stay under
+    ``MAX_BYTES``; its bf16 accuracy check (``inference``), made on float32 weights, is not carried
+    over. Refuses a total above ``MAX_BYTES``. Returns the main card."""
+    from KANTumorSegLib.ensemble import CARD_KEY
+    from KANTumorSegLib.weights import load_model, save_model, update_card
+
+    names = []
+    for k, member in enumerate(members, 1):
+        model, card, _ = load_model(member)
+        target = output.with_name(f"{output.stem}_member{k}.safetensors")
+        fields = {key: value for key, value in card.items()
+                  if key not in ("format", "model", "sha256", "weights_dtype", "inference", CARD_KEY)}
+        save_model(model, target, {**fields, "member_of": output.name, "exported_from": str(member)}, half=True)
+        names.append(target.name)
+    files = [output] + [output.with_name(n) for n in names]
+    total = sum(f.stat().st_size + f.with_suffix(".json").stat().st_size for f in files)
+    if total > MAX_BYTES:
+        raise ValueError(f"the model and its members take {total / 2**20:.1f} MiB, above the {MAX_BYTES / 2**20:.0f} MiB shipped")
+    return update_card(output, {CARD_KEY: names})

@@ -15,6 +15,14 @@ derives from those passes:
 - 3D Dice (WT, TC, ET) of the one-pass labels and of the labels of 2, 4 and 8 averaged passes;
 - per region, whether the expert volume falls in ``range_ml`` and the range's width, for the
   shipped band (``confidence.RANGE_DELTA``) and other bands;
+- with ``--members M1.safetensors ...`` (issue 19), each member's region probabilities (one pass,
+  its own card's preprocessing, ``ensemble.RegionProbabilityPredictor``) and the AUROC of: the
+  members' mean label probability (main model's first pass and each member, 1 pass each), their
+  vote (how many of them decode the written label, ties broken by that mean), the combination
+  (main model's 8 passes averaged, counting once, with each member), and that combination as the
+  command writes it (written labels, post-processing's complement); with the seconds of each
+  member's pass and of the main model's one pass (``seconds``), so that each variant's cost per
+  case is known: 1 pass, 8 passes, 1 + members, 8 + members;
 - with ``--cost-cases``, seconds of the plain command and of ``--confidence`` on ``--device``, warm
   (in this process, as the Slicer module's worker runs them) and as fresh processes.
 
@@ -116,6 +124,71 @@ def run_passes(folder: Path, model_path: Path, device: str, batch_size: int):
     return passes, truth, float(np.prod(spacing)) / 1000.0, spacing, card, predictor.precision
 
 
+def run_member(folder: Path, member: Path, device: str, batch_size: int) -> tuple[np.ndarray, float]:
+    """(a member's region probabilities (Z, 3, X, Y) over one pass with its own card's preprocessing,
+    seconds of that pass's ``segment_volume``), as ``ensemble.member_doubt`` runs it in the command."""
+    from KANTumorSegLib.ensemble import REGION_MAPS, RegionProbabilityPredictor
+    from KANTumorSegLib.inference import choose_device, choose_precision, segment_volume
+    from KANTumorSegLib.volumes import load_case
+    from KANTumorSegLib.weights import load_model
+    from Training.data import find_case_files
+
+    files, _ = find_case_files(folder)
+    volume, _ = load_case({m: files[m] for m in ("t1", "t1ce", "t2", "flair")})
+    torch_device = choose_device(device)
+    model, card, preprocessing = load_model(member)
+    predictor = RegionProbabilityPredictor(model, torch_device, batch_size, choose_precision("auto", torch_device, card), passes=1)
+    maps = {name: np.zeros(volume.shape[1:], dtype=np.float16) for name in REGION_MAPS}
+    start = time.perf_counter()
+    segment_volume(volume, predictor, preprocessing, maps=maps)
+    seconds = time.perf_counter() - start
+    return np.stack([maps.pop(name).transpose(2, 0, 1) for name in REGION_MAPS], axis=1).astype(np.float32), round(seconds, 2)
+
+
+def one_pass_seconds(folder: Path, model_path: Path, device: str, batch_size: int) -> float:
+    """Seconds of the main model's plain ``segment_volume`` (one pass) on a case, for the variants' cost."""
+    from KANTumorSegLib.inference import SlicePredictor, choose_device, choose_precision, segment_volume
+    from KANTumorSegLib.volumes import load_case
+    from KANTumorSegLib.weights import load_model
+    from Training.data import find_case_files
+
+    files, _ = find_case_files(folder)
+    volume, _ = load_case({m: files[m] for m in ("t1", "t1ce", "t2", "flair")})
+    torch_device = choose_device(device)
+    model, card, preprocessing = load_model(model_path)
+    predictor = SlicePredictor(model, torch_device, batch_size, choose_precision("auto", torch_device, card))
+    start = time.perf_counter()
+    segment_volume(volume, predictor, preprocessing)
+    return round(time.perf_counter() - start, 2)
+
+
+def member_variants(passes, members: list, predicted, written, changed, truth_t, near: np.ndarray, head: str) -> tuple[dict, dict]:
+    """Stated confidences and wrongness of the ensemble variants (module docstring), for one case."""
+    import torch
+
+    stated: dict[str, np.ndarray] = {}
+    wrong: dict[str, np.ndarray] = {}
+    wrong_predicted = (predicted != truth_t).numpy()[near]
+    singles = [passes[:1]] + [torch.from_numpy(m).unsqueeze(0) for m in members]
+    probabilities = torch.stack([conf.label_probability(s, predicted.unsqueeze(0), head).mean(dim=0) for s in singles])
+    n = len(singles)
+    mean = probabilities.mean(dim=0)
+    stated[f"members: mean label probability, {n} models x 1 pass"] = mean.numpy()[near]
+    votes = torch.stack([(conf.decode(s[0], head) == predicted) for s in singles]).float().sum(dim=0)
+    stated[f"members: vote of {n} models (ties by mean label probability)"] = ((votes + mean) / (n + 1)).numpy()[near]
+    stated[f"members: margin of averaged probabilities, {n} models x 1 pass"] = margin(
+        torch.stack([s[0] for s in singles]).mean(dim=0).numpy())[near]
+    eight = conf.label_probability(passes, predicted.unsqueeze(0), head).mean(dim=0)
+    combined = (eight + probabilities[1:].sum(dim=0)) / n
+    stated[f"combination: 8 passes + {n - 1} members x 1 pass"] = combined.numpy()[near]
+    for key in stated:
+        wrong[key] = wrong_predicted
+    key = f"combination as written: 8 passes + {n - 1} members, written labels"
+    stated[key] = torch.where(changed, 1 - combined, combined).numpy()[near]
+    wrong[key] = (written != truth_t).numpy()[near]
+    return stated, wrong
+
+
 def margin(regions: np.ndarray) -> np.ndarray:
     """The baseline: the smallest max(p, 1 - p) over WT, TC, ET, (..., 3, X, Y) -> (..., X, Y)."""
     return np.maximum(regions, 1 - regions).min(axis=-3)
@@ -167,6 +240,17 @@ def evaluate_case(name: str, folder: Path, args) -> tuple[dict, dict]:
     stated[shipped] = torch.where(changed, 1 - raw, raw).numpy()[near]
     wrong[shipped] = (written != truth_t).numpy()[near]
     baseline = "margin, 1 passes averaged"
+    member_seconds = {}
+    if args.members:
+        members = []
+        for member in args.members:
+            regions, member_seconds[member.name] = run_member(folder, member, args.device, args.batch_size)
+            members.append(regions)
+        extra_stated, extra_wrong = member_variants(passes, members, predicted, written, changed, torch.from_numpy(truth),
+                                                    near, head)
+        stated.update(extra_stated)
+        wrong.update(extra_wrong)
+        del members
 
     result: dict = {
         "voxels_evaluated": int(near.sum()),
@@ -176,6 +260,9 @@ def evaluate_case(name: str, folder: Path, args) -> tuple[dict, dict]:
         "expert_ml": {},
         "ranges": {},
         "seconds_8_passes": round(seconds, 1),
+        "seconds": {"main model, 1 pass (segment_volume)": one_pass_seconds(folder, args.model, args.device, args.batch_size)
+                    if args.members else None,
+                    "members, 1 pass each (segment_volume)": member_seconds},
         "precision": precision,
         "postprocessing": post.to_dict(),
         "voxels_changed_by_postprocessing": int(changed.sum()),
@@ -198,16 +285,22 @@ def evaluate_case(name: str, folder: Path, args) -> tuple[dict, dict]:
                                                                     spacing)["regions"]} for t in range(8)]
     result["ranges"]["min-max of the 8 passes' volumes"] = {
         r: [min([p[r] for p in per_pass] + [written_ml[r]]), max([p[r] for p in per_pass] + [written_ml[r]])] for r in REGION_ORDER}
-    arrays = {"raw": stated[shipped], "wrong": wrong[shipped], "baseline": stated[baseline], "baseline_wrong": wrong[baseline]}
+    # With --ship-members the map as the command writes it for a card naming these members is the
+    # combination: the Platt scaling is fitted, and "as written" measured, on it.
+    chosen = next((k for k in stated if k.startswith("combination as written")), shipped) if args.ship_members else shipped
+    arrays = {"raw": stated[chosen], "wrong": wrong[chosen], "baseline": stated[baseline], "baseline_wrong": wrong[baseline]}
     return result, arrays
 
 
 def cached_case(name: str, folder: Path, args, sha256: str) -> tuple[dict, dict]:
     """:func:`evaluate_case`, kept in ``--cache`` (by model and case) when given, so that the
     analysis can be rerun without the model's passes (minutes per case on a CPU)."""
+    from KANTumorSegLib.weights import sha256_of
+
     if args.cache is None:
         return evaluate_case(name, folder, args)
-    path = args.cache / f"{sha256[:16]}_{name}_{args.device}_v2.npz"
+    members = "".join(f"_{sha256_of(m)[:8]}" for m in args.members) + ("_ship" if args.ship_members else "")
+    path = args.cache / f"{sha256[:16]}{members}_{name}_{args.device}_v3.npz"
     if path.exists():
         with np.load(path) as data:
             return json.loads(str(data["result"])), {k: data[k] for k in ("raw", "wrong", "baseline", "baseline_wrong")}
@@ -357,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="cases whose plain and --confidence commands are timed (none: skip)")
     parser.add_argument("--cost-repeats", type=int, default=1)
     parser.add_argument("--cache", type=Path, help="folder keeping each case's passes' figures (reused when present)")
+    parser.add_argument("--members", type=Path, nargs="*", default=[],
+                        help="ensemble members' weights (each with its card) to evaluate beside the model (issue 19)")
+    parser.add_argument("--ship-members", action="store_true",
+                        help="fit the calibration and report 'as written' for the 8 passes + --members combination")
     args = parser.parse_args(argv)
     import torch
 
@@ -373,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {
         "command": "Testing/benchmarks/confidence_eval.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": {"file": str(args.model), "name": card.get("name", ""), "sha256": card["sha256"]},
+        "members": [{"file": str(m), "name": c.get("name", ""), "sha256": c["sha256"]}
+                    for m in args.members for c in (read_card(m),)],
         "device": args.device, "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "shipped": {"passes": conf.DEFAULT_PASSES, "labels_from_passes": conf.LABELS_FROM_PASSES, "range_delta": conf.RANGE_DELTA},
         "near_mm": NEAR_MM,
