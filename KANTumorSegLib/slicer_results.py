@@ -20,6 +20,24 @@ STAGE_SPANS: dict[str, tuple[float, float]] = {
 }
 
 
+PREPARE_STAGE_SPANS: dict[str, tuple[float, float]] = {
+    "read": (0.0, 0.02),
+    "register T1": (0.02, 0.12),
+    "register T2": (0.12, 0.22),
+    "register FLAIR": (0.22, 0.32),
+    "resample": (0.32, 0.33),
+    "skull-strip": (0.33, 0.50),
+    "preprocess": (0.50, 0.56),
+    "segment": (0.56, 0.95),
+    "write": (0.95, 1.0),
+}
+"""The same for a run with ``--prepare`` (``prepare.PREPARE_STAGES`` first): shares of the prepared
+command on the 2-core CPU (docs/PERFORMANCE.md, "Preparing raw scans": each registration 10-17 s
+under load, skull-stripping 20 s, the rest 48 s of 100 s). With a GPU the registrations, which
+run on the CPU, take a larger share of a shorter run: the bar moves slower through them than
+through the rest."""
+
+
 ERROR_PREFIX = "kantumorseg: error: "
 
 
@@ -66,11 +84,13 @@ def parse_output_line(line: str) -> OutputLine:
     return OutputLine("text", text)
 
 
-def overall_fraction(stage: str, done: int, total: int) -> float | None:
-    """How far the whole run is (0 to 1) at a progress step, None for an unknown stage."""
-    if stage not in STAGE_SPANS:
+def overall_fraction(stage: str, done: int, total: int, prepare: bool = False) -> float | None:
+    """How far the whole run is (0 to 1) at a progress step, None for an unknown stage;
+    ``prepare``: the run has ``--prepare``."""
+    spans = PREPARE_STAGE_SPANS if prepare else STAGE_SPANS
+    if stage not in spans:
         return None
-    start, end = STAGE_SPANS[stage]
+    start, end = spans[stage]
     share = min(max(done / total, 0.0), 1.0) if total > 0 else 1.0
     return start + (end - start) * share
 
