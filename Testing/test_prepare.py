@@ -134,6 +134,26 @@ def test_a_raw_case_is_segmented_on_its_own_t1ce_grid(raw_case, tiny_model: Path
 
 
 @needs_prepare
+def test_sigterm_during_a_registration_ends_the_command_as_terminated(raw_case, tiny_model: Path, tmp_path: Path, ends):
+    """The signal lands at the registration's next iteration, not as a failed registration (exit 2)."""
+    import signal
+    import time
+
+    from test_interrupt import start_segment, wait_for_stage
+
+    out = tmp_path / "out"
+    process = ends(start_segment(raw_case[0], out, tiny_model, extra=["--prepare"]))
+    wait_for_stage(process, "register T2")
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, stderr = process.communicate(timeout=30)
+    assert time.monotonic() - sent < 10, "the run did not stop promptly"
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr and "Registering" not in stderr
+    assert not out.exists()
+
+
+@needs_prepare
 def test_a_registration_that_fails_stops_the_command_naming_the_series(raw_case, tiny_model: Path, tmp_path: Path):
     folder, _ = raw_case
     case = tmp_path / "case"
