@@ -21,21 +21,22 @@ STAGE_SPANS: dict[str, tuple[float, float]] = {
 
 
 PREPARE_STAGE_SPANS: dict[str, tuple[float, float]] = {
-    "read": (0.0, 0.02),
-    "register T1": (0.02, 0.12),
-    "register T2": (0.12, 0.22),
-    "register FLAIR": (0.22, 0.32),
-    "resample": (0.32, 0.33),
-    "skull-strip": (0.33, 0.50),
-    "preprocess": (0.50, 0.56),
-    "segment": (0.56, 0.95),
-    "write": (0.95, 1.0),
+    "read": (0.0, 0.05),
+    "register T1": (0.05, 0.17),
+    "register T2": (0.17, 0.29),
+    "register FLAIR": (0.29, 0.41),
+    "resample": (0.41, 0.42),
+    "skull-strip": (0.42, 0.58),
+    "preprocess": (0.58, 0.63),
+    "segment": (0.63, 0.97),
+    "write": (0.97, 1.0),
 }
 """The same for a run with ``--prepare`` (``prepare.PREPARE_STAGES`` first): shares of the prepared
-command on the 2-core CPU (docs/PERFORMANCE.md, "Preparing raw scans": each registration 10-17 s
-under load, skull-stripping 20 s, the rest 48 s of 100 s). With a GPU the registrations, which
-run on the CPU, take a larger share of a shorter run: the bar moves slower through them than
-through the rest."""
+command with the shipped model on the 2-core CPU (``Testing/benchmarks/prepare_time.py``; at load
+1.6 of 32.7 s: read 2.4 s, each registration 4.4-4.7 s, resample 0.2 s, skull-strip 5.0 s,
+preprocess 1.5 s, segment 9.3 s, write 0.3 s; at load 5 of 100.5 s, registration took 29 %,
+skull-stripping 20 %, the model's stages 48 %). With a GPU the registrations, which run on the CPU, take a
+larger share of a shorter run: the bar moves slower through them than through the rest."""
 
 
 ERROR_PREFIX = "kantumorseg: error: "

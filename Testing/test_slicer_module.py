@@ -546,7 +546,7 @@ def test_a_prepared_run_spans_the_bar_in_its_stages_order_and_each_stage_has_a_t
         assert all(end == next_start for (_, end), (next_start, _) in zip(bounds, bounds[1:]))
         assert all(start < end for start, end in bounds)
     assert list(slicer_results.PREPARE_STAGE_SPANS) == [*PREPARE_STAGES, "preprocess", "segment", "write"]
-    assert slicer_results.overall_fraction("register T2", 2, 4, prepare=True) == pytest.approx(0.17)
+    assert slicer_results.overall_fraction("register T2", 2, 4, prepare=True) == pytest.approx(0.23)
     assert slicer_results.overall_fraction("register T2", 2, 4) is None
     assert slicer_results.overall_fraction("segment", 0, 9, prepare=True) == slicer_results.PREPARE_STAGE_SPANS["segment"][0]
     # The panel names every stage in its bar.
