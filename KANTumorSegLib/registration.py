@@ -38,7 +38,7 @@ MAX_TRANSLATION_MM = 50.0
 rather than the patient's movement (heads move a few degrees and millimetres between series)."""
 STEPS = len(SHRINK_FACTORS) + 1
 """The steps ``register_rigid`` reports: each resolution level, then the check of the result at
-full resolution (about as long as the first two levels together)."""
+full resolution (about as long as the first level)."""
 
 
 @dataclass
