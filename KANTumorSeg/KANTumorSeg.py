@@ -409,8 +409,12 @@ class KANTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onProgress(self, stage: str, done: int, total: int, fraction: Optional[float]) -> None:
         stageTitles = {
             "read": _("Reading images"),
-            # Prepare raw scans: the bar holds at the end of reading while these run (up to a minute).
-            "register": _("Registering series onto the T1ce"),
+            # Prepare raw scans: each registration's resolution levels and check, the four series
+            # onto the model's grid, the brain mask of the T1ce and the T1.
+            "register T1": _("Registering the T1 onto the T1ce"),
+            "register T2": _("Registering the T2 onto the T1ce"),
+            "register FLAIR": _("Registering the FLAIR onto the T1ce"),
+            "resample": _("Resampling onto the model's grid"),
             "skull-strip": _("Skull-stripping"),
             "preprocess": _("Preparing slices"),
             "segment": _("Segmenting slices"),
@@ -511,6 +515,7 @@ class SegmentationTask:
         self.addRegions = options["addRegions"]
         self.regionsSegmentation = options["regionsSegmentation"]
         self.volumeTable = options["tableNode"]
+        self.prepare = options.get("prepare", False)
         self.confidenceVolume = None
         self.progressCallback = progressCallback
         self.logCallback = logCallback
@@ -771,7 +776,7 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         pythonSlicer, environment = self._childProcess()
 
         tempDir = slicer.util.tempDirectory("KANTumorSeg")
-        options = {"addRegions": addRegions, "regionsSegmentation": regionsSegmentation, "tableNode": tableNode}
+        options = {"addRegions": addRegions, "regionsSegmentation": regionsSegmentation, "tableNode": tableNode, "prepare": prepare}
         task = SegmentationTask(inputs, outputSegmentation, tempDir, options, progressCallback, logCallback, completedCallback)
         try:
             files = {}
@@ -882,7 +887,8 @@ class KANTumorSegLogic(ScriptedLoadableModuleLogic):
         parsed = parse_output_line(line)
         if parsed.kind == "progress":
             if task.progressCallback:
-                task.progressCallback(parsed.stage, parsed.done, parsed.total, overall_fraction(parsed.stage, parsed.done, parsed.total))
+                task.progressCallback(parsed.stage, parsed.done, parsed.total,
+                                      overall_fraction(parsed.stage, parsed.done, parsed.total, task.prepare))
             return
         if parsed.kind == "done":
             task.files = parsed.files

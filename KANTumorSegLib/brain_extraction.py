@@ -10,6 +10,8 @@ tumour (docs/PERFORMANCE.md, "Preparing raw scans"). It is an optional dependenc
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -51,14 +53,14 @@ class BrainExtractor:
         self.bet.model.to(device)
         self.bet.bbox_model.to(device)
 
-    def mask(self, images: list[sitk.Image]) -> sitk.Image:
+    def mask(self, images: list[sitk.Image], progress: Callable[[int], None] = lambda done: None) -> sitk.Image:
         """The brain mask (uint8 0/1) of one head: the union of deepbet's masks of each image (all on
         one grid with identity direction: x left, y posterior, z superior, ``prepare.isotropic_grid``),
-        grown by DILATE_MM."""
+        grown by DILATE_MM; ``progress(n)`` once the n-th image's mask is made."""
         import torch
 
         union = None
-        for image in images:
+        for done, image in enumerate(images, start=1):
             # deepbet reads arrays in RAS order (nibabel's canonical): flip x and y of the LPS array.
             lps = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
             ras = np.ascontiguousarray(lps[::-1, ::-1, :], dtype=np.float32)
@@ -66,6 +68,7 @@ class BrainExtractor:
                 probability = self.bet.run_model(ras)
             mask = self.bet.postprocess(probability > 0.5)[::-1, ::-1, :].transpose(2, 1, 0)
             union = mask if union is None else union | mask
+            progress(done)
         result = sitk.GetImageFromArray(np.ascontiguousarray(union, dtype=np.uint8))
         result.CopyInformation(images[0])
         radius = [max(1, int(round(DILATE_MM / s))) for s in images[0].GetSpacing()]

@@ -79,6 +79,18 @@ def isotropic_grid(reference: sitk.Image, spacing: float = ISOTROPIC_MM) -> sitk
     return grid
 
 
+def register_stage(modality: str) -> str:
+    """The progress stage of one series' registration: ``register T1``, ``register T2``, ``register FLAIR``."""
+    return f"register {NAMES[modality]}"
+
+
+PREPARE_STAGES = ("read", *(register_stage(m) for m in MODALITIES if m != REFERENCE_MODALITY), "resample", "skull-strip")
+"""The progress stages of ``prepare_case``, in order (``slicer_results.PREPARE_STAGE_SPANS`` maps them
+onto the Slicer module's bar): each registration reports its resolution levels and the check of
+its result (``registration.STEPS``), resampling each series onto the model grid, skull-stripping
+each of BRAIN_CONTRASTS."""
+
+
 def prepare_case(paths: dict[str, Path], device, progress: Callable[[str, int, int], None] = no_progress) -> PreparedCase:
     """Read, register, resample and skull-strip a raw case (``device``: a torch device, for the
     brain extraction); a KANTumorSegError naming the modality whose registration fails."""
@@ -98,17 +110,22 @@ def prepare_case(paths: dict[str, Path], device, progress: Callable[[str, int, i
     transforms: dict[str, sitk.Transform] = {REFERENCE_MODALITY: sitk.Transform()}
     registrations: dict[str, dict] = {}
     moving = [m for m in MODALITIES if m != REFERENCE_MODALITY]
-    progress("register", 0, len(moving))
-    for done, m in enumerate(moving, start=1):
-        registration = register_rigid(on_grid[REFERENCE_MODALITY], images[m], NAMES[m])
+    for m in moving:
+        stage = register_stage(m)
+        registration = register_rigid(on_grid[REFERENCE_MODALITY], images[m], NAMES[m],
+                                      progress=lambda done, total, stage=stage: progress(stage, done, total))
         registrations[m] = registration.summary()
         transforms[m] = registration.transform
-        on_grid[m] = resample(images[m], grid, registration.transform)
-        progress("register", done, len(moving))
 
-    progress("skull-strip", 0, 1)
-    mask_on_grid = BrainExtractor(device).mask([on_grid[m] for m in BRAIN_CONTRASTS])
-    progress("skull-strip", 1, 1)
+    # The T1ce was resampled first, as the registrations' fixed image.
+    progress("resample", 1, len(MODALITIES))
+    for done, m in enumerate(moving, start=2):
+        on_grid[m] = resample(images[m], grid, transforms[m])
+        progress("resample", done, len(MODALITIES))
+
+    progress("skull-strip", 0, len(BRAIN_CONTRASTS))
+    mask_on_grid = BrainExtractor(device).mask([on_grid[m] for m in BRAIN_CONTRASTS],
+                                               lambda done: progress("skull-strip", done, len(BRAIN_CONTRASTS)))
     inside = sitk.GetArrayViewFromImage(mask_on_grid).astype(bool)
     channels = []
     for m in MODALITIES:

@@ -11,6 +11,7 @@ same in every direction even when the T1ce is a stack of 5 mm slabs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -35,6 +36,9 @@ MAX_ROTATION_DEG = 30.0
 MAX_TRANSLATION_MM = 50.0
 """Movement between two series of one session beyond which a result is taken as a failure
 rather than the patient's movement (heads move a few degrees and millimetres between series)."""
+STEPS = len(SHRINK_FACTORS) + 1
+"""The steps ``register_rigid`` reports: each resolution level, then the check of the result at
+full resolution (about as long as the first level)."""
 
 
 @dataclass
@@ -64,9 +68,58 @@ class Registration:
                 "translation_mm": round(self.translation_mm, 2), "iterations": self.iterations}
 
 
-def register_rigid(fixed: sitk.Image, moving: sitk.Image, name: str, seed: int = 1) -> Registration:
+class Observer:
+    """SimpleITK's commands during a registration: ``progress(done, STEPS)`` as each resolution level
+    ends, and a chance at every iteration for a signal handler to run (the interrupt of a cancelled
+    run lands within an iteration, not after the whole registration).
+
+    An exception raised in a SimpleITK command reaches Python only as a RuntimeError ("error
+    executing the Python Callable"), its traceback printed: an interrupt would read as a failed
+    registration. So it is kept here, the registration stopped (each remaining level after one
+    iteration), and ``register_rigid`` raises it once ``Execute`` has returned."""
+
+    def __init__(self, method: sitk.ImageRegistrationMethod, progress: Callable[[int, int], None]) -> None:
+        self.method = method
+        self.progress = progress
+        self.levels_done = -1
+        self.raised: BaseException | None = None
+        method.AddCommand(sitk.sitkMultiResolutionIterationEvent, self.level_started)
+        method.AddCommand(sitk.sitkIterationEvent, self.iteration)
+        method.AddCommand(sitk.sitkEndEvent, lambda: self.report(len(SHRINK_FACTORS)))
+
+    def report(self, done: int) -> None:
+        self.call(self.progress, done, STEPS)
+
+    def level_started(self) -> None:
+        # Each level's start ends the one before it; the first one's start is the registration's.
+        self.levels_done += 1
+        if self.levels_done > 0:
+            self.report(self.levels_done)
+
+    def iteration(self) -> None:
+        self.call(lambda: None)
+
+    def call(self, function: Callable, *args) -> None:
+        if self.raised is None:
+            try:
+                function(*args)
+                return
+            except BaseException as error:  # noqa: BLE001 - raised again by register_rigid
+                self.raised = error
+        self.method.StopRegistration()
+
+    def raise_kept(self) -> None:
+        if self.raised is not None:
+            raise self.raised
+
+
+def register_rigid(fixed: sitk.Image, moving: sitk.Image, name: str, seed: int = 1,
+                   progress: Callable[[int, int], None] | None = None) -> Registration:
     """Register ``moving`` onto ``fixed`` (both float32, physical space); a KANTumorSegError naming
-    ``name`` when it did not converge to a plausible result."""
+    ``name`` when it did not converge to a plausible result. ``progress(done, STEPS)`` is called
+    at its start, as each resolution level ends and once the result is checked."""
+    report = progress or (lambda done, total: None)
+    report(0, STEPS)
     center = fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in fixed.GetSize()])
     initial = sitk.Euler3DTransform()
     initial.SetCenter(center)
@@ -84,18 +137,22 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, name: str, seed: int =
     method.SetSmoothingSigmasPerLevel(list(SMOOTHING_MM))
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(initial, inPlace=False)
+    observer = Observer(method, report)
     try:
         result = method.Execute(fixed, moving)
     except RuntimeError as error:
+        observer.raise_kept()
         # ITK stops when too few samples fall inside the moving image: the series do not overlap.
         reason = str(error).strip().splitlines()[-1].strip() if str(error).strip() else "no reason given"
         raise KANTumorSegError(f"Registering the {name} image onto the T1ce failed ({reason}); check that both show the same "
                                f"head, or segment without --prepare a case that is already co-registered.") from None
+    observer.raise_kept()
     transform = sitk.Euler3DTransform(sitk.CompositeTransform(result).GetNthTransform(0))
     # The cost at the full resolution with every voxel, not the last random sample's.
     mutual_information = -final_metric(fixed, moving, transform)
     registration = Registration(transform, mutual_information, method.GetOptimizerIteration(),
                                 method.GetOptimizerStopConditionDescription())
+    report(STEPS, STEPS)
     check_converged(registration, name)
     return registration
 

@@ -25,11 +25,12 @@ from KANTumorSegLib.progress import parse_progress_line
 REPO = Path(__file__).resolve().parent.parent
 
 
-def start_segment(case: Path, out: Path, model: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_segment(case: Path, out: Path, model: Path, env: dict[str, str] | None = None,
+                  extra: tuple[str, ...] | list[str] = ()) -> subprocess.Popen:
     # Batches of 2 slices: many progress steps, so the signal lands mid-run.
     return processes.start(
         [sys.executable, "-m", "KANTumorSegLib", "segment", str(case), "-o", str(out), "--model", str(model),
-         "--device", "cpu", "--batch-size", "2", "--progress", "jsonl"],
+         "--device", "cpu", "--batch-size", "2", "--progress", "jsonl", *extra],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -22,8 +22,9 @@ from crafted_raw import MOVES, craft_raw_case, edge_error_mm, rigid, slab_averag
 
 from KANTumorSegLib.brain_extraction import INSTALL_HINT, prepare_available
 from KANTumorSegLib.errors import KANTumorSegError
-from KANTumorSegLib.prepare import isotropic_grid, resample
-from KANTumorSegLib.registration import register_rigid
+from KANTumorSegLib.prepare import PREPARE_STAGES, isotropic_grid, resample
+from KANTumorSegLib.registration import STEPS, register_rigid
+from KANTumorSegLib.slicer_results import PREPARE_STAGE_SPANS, overall_fraction
 from KANTumorSegLib.volumes import read_image
 
 needs_prepare = pytest.mark.skipif(not prepare_available(), reason=(
@@ -49,9 +50,31 @@ def test_registration_recovers_the_known_movement_of_every_series(raw_case):
     fixed = resample(images["t1ce"], isotropic_grid(images["t1ce"]), sitk.Transform())
     brain = sitk.Cast(fixed > 0, sitk.sitkUInt8)
     for m in ("t1", "t2", "flair"):
-        found = register_rigid(fixed, images[m], m.upper())
+        steps = []
+        found = register_rigid(fixed, images[m], m.upper(), progress=lambda *step, steps=steps: steps.append(step))
         # At the brain's edge, the farthest point from the rotation's centre: under 1.5 mm (issue 18).
         assert edge_error_mm(found.transform, truths[m], brain) < 1.5, (m, found.summary())
+        # Its start, each resolution level and the check of the result.
+        assert steps == [(done, STEPS) for done in range(STEPS + 1)]
+
+
+def test_an_interrupt_during_registration_stays_an_interrupt(raw_case, capfd):
+    """A signal handler's exception raised in a SimpleITK command would reach Python as a
+    RuntimeError, read as a failed registration (exit 2, not 130 or 143), its traceback printed."""
+    folder, _ = raw_case
+    t1ce, t2 = (read_image(folder / f"raw_{m}.nii.gz", m) for m in ("t1ce", "t2"))
+    fixed = resample(t1ce, isotropic_grid(t1ce), sitk.Transform())
+    steps = []
+
+    def interrupted(done: int, total: int) -> None:
+        steps.append(done)
+        if done == 1:
+            raise KeyboardInterrupt()
+
+    with pytest.raises(KeyboardInterrupt):
+        register_rigid(fixed, t2, "T2", progress=interrupted)
+    assert steps == [0, 1]
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_an_unrelated_series_fails_registration_naming_it(raw_case):
@@ -81,8 +104,13 @@ def test_a_raw_case_is_segmented_on_its_own_t1ce_grid(raw_case, tiny_model: Path
     done = run("segment", str(folder), "-o", str(out), "--prepare", "--model", str(tiny_model), "--device", "cpu",
                "--progress", "jsonl")
     assert done.returncode == 0, done.stderr
-    stages = [json.loads(line)["stage"] for line in done.stdout.splitlines()]
-    assert {"read", "register", "skull-strip", "segment", "write", "done"} <= set(stages)
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    stages = list(dict.fromkeys(line["stage"] for line in lines))
+    # Every step of the preparation reports, in order, and maps onto the Slicer module's bar.
+    assert stages == [*PREPARE_STAGES, "preprocess", "segment", "write", "done"] == [*PREPARE_STAGE_SPANS, "done"]
+    fractions = [overall_fraction(line["stage"], line["done"], line["total"], prepare=True) for line in lines[:-1]]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert [line["done"] for line in lines if line["stage"] == "register T2"] == list(range(STEPS + 1))
     assert "warning" not in done.stderr, done.stderr
     raw_t1ce = sitk.ReadImage(str(folder / "raw_t1ce.nii.gz"))
     for name in ("raw_seg.nii.gz", "raw_brain_mask.nii.gz"):
@@ -103,6 +131,26 @@ def test_a_raw_case_is_segmented_on_its_own_t1ce_grid(raw_case, tiny_model: Path
     # The brain mask holds the expert's tumour, moved onto the raw grid by the crafting.
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder.parent / "raw_seg_truth.nii.gz"))) > 0
     assert (truth & mask).sum() >= 0.99 * truth.sum()
+
+
+@needs_prepare
+def test_sigterm_during_a_registration_ends_the_command_as_terminated(raw_case, tiny_model: Path, tmp_path: Path, ends):
+    """The signal lands at the registration's next iteration, not as a failed registration (exit 2)."""
+    import signal
+    import time
+
+    from test_interrupt import start_segment, wait_for_stage
+
+    out = tmp_path / "out"
+    process = ends(start_segment(raw_case[0], out, tiny_model, extra=["--prepare"]))
+    wait_for_stage(process, "register T2")
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, stderr = process.communicate(timeout=30)
+    assert time.monotonic() - sent < 10, "the run did not stop promptly"
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr and "Registering" not in stderr
+    assert not out.exists()
 
 
 @needs_prepare

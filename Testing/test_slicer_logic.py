@@ -233,6 +233,37 @@ def test_load_case_and_model_card_use_the_library(logic_module, brats_case_001, 
 # ----------------------------------------------------------------------------- the worker
 
 
+@pytest.mark.skipif(importlib.util.find_spec("deepbet") is None, reason=(
+    "the optional brain-extraction package deepbet is not installed (pip install 'kantumorseg[prepare]')"))
+def test_prepare_raw_scans_moves_the_bar_through_every_step_and_lands_on_the_raw_t1ce(logic_module, brats_case_001,
+                                                                                     tiny_model):
+    """Issue 18: "Prepare raw scans" on four raw series (crafted from BraTS20_Training_001: moved,
+    resliced into tilted 5.5 mm slabs) through the Logic and the command it launches: every
+    registration, the resampling and the skull-stripping move the bar, which never goes back,
+    and the segments lie on the raw T1ce node."""
+    from crafted_raw import craft_raw_case
+
+    from KANTumorSegLib import slicer_results
+    from KANTumorSegLib.prepare import PREPARE_STAGES
+
+    module, logic, harness, tmp = logic_module
+    craft_raw_case(brats_case_001, tmp / "raw")
+    volumes = {m: harness.load_volume(tmp / "raw" / f"raw_{m}.nii.gz", {"name": f"patient_{m}"})
+               for m in ("t1", "t1ce", "t2", "flair")}
+    progress = []
+    task = _run_node(logic, volumes, tiny_model, None, waitForCompletion=True, prepare=True,
+                     progressCallback=lambda *step: progress.append(step))
+    assert task.status == "completed", task.message
+    assert list(dict.fromkeys(step[0] for step in progress)) == list(slicer_results.PREPARE_STAGE_SPANS)
+    fractions = [step[3] for step in progress]
+    assert None not in fractions and fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    for stage in PREPARE_STAGES:
+        assert len({step[3] for step in progress if step[0] == stage}) > 1, stage
+    output = task.outputSegmentation
+    assert output.GetNodeReferenceID(output.GetReferenceImageGeometryReferenceRole()) == volumes["t1ce"].GetID()
+    assert harness.mask(output, "ED", volumes["t1ce"]).shape == volumes["t1ce"].GetImageData().GetDimensions()[::-1]
+
+
 def _run(logic, volumes, model, **kwargs):
     output = volumes["t1ce"].GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
     return _run_node(logic, volumes, model, output, **kwargs)

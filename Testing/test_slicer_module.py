@@ -535,6 +535,25 @@ def test_overall_fraction_spans_the_run_in_order():
     assert values == sorted(values) and all(0 <= v <= 1 for v in values)
 
 
+def test_a_prepared_run_spans_the_bar_in_its_stages_order_and_each_stage_has_a_title():
+    """Issue 18: with --prepare the command's stages (prepare.PREPARE_STAGES, then the plain run's
+    last three) share the bar end to end, one after the other; without it, as before."""
+    from KANTumorSegLib.prepare import PREPARE_STAGES
+
+    for spans in (slicer_results.STAGE_SPANS, slicer_results.PREPARE_STAGE_SPANS):
+        bounds = list(spans.values())
+        assert bounds[0][0] == 0.0 and bounds[-1][1] == 1.0
+        assert all(end == next_start for (_, end), (next_start, _) in zip(bounds, bounds[1:]))
+        assert all(start < end for start, end in bounds)
+    assert list(slicer_results.PREPARE_STAGE_SPANS) == [*PREPARE_STAGES, "preprocess", "segment", "write"]
+    assert slicer_results.overall_fraction("register T2", 2, 4, prepare=True) == pytest.approx(0.23)
+    assert slicer_results.overall_fraction("register T2", 2, 4) is None
+    assert slicer_results.overall_fraction("segment", 0, 9, prepare=True) == slicer_results.PREPARE_STAGE_SPANS["segment"][0]
+    # The panel names every stage in its bar.
+    source = MODULE.read_text()
+    assert all(f'"{stage}": _(' in source for stage in {*slicer_results.STAGE_SPANS, *slicer_results.PREPARE_STAGE_SPANS})
+
+
 def test_failure_message_without_an_error_line():
     assert "exit code 1" in slicer_results.failure_message([], 1)
     assert "stopped" in slicer_results.failure_message([], 143)
