@@ -60,8 +60,9 @@ narrowest band tried (0.1 to 0.49) under which the expert volume fell inside the
 (11 of 20) region-cases of the calibration cases (docs/RESULTS.md, "Confidence")."""
 
 CALIBRATIONS: dict[str, tuple[float, float]] = {
-    # ship5_g2_batchdice_s1 with its card's post-processing, fitted on BraTS2021_00002, 00003, 00005 and 00006.
-    "d4265bb8e2d2719e7c76616d37607b38c948b054e7b4d551561b4d27b51e0087": (0.3810, -0.2248),
+    # vol_g2_s1 (shipped) with its card's post-processing, fitted on its 4 validation patients
+    # BraTS2021_00005, 00024, 01477 and 01481 (docs/RESULTS.md, "Confidence").
+    "c88479a58644e39203231a2cc40d2633c7bcbf086dd23f5aa394d558a179455b": (0.3597, -0.2184),
 }
 """Platt scaling (a, b) by the sha256 of the model's weights, as fitted by
 ``Testing/benchmarks/confidence_eval.py --calibration`` (its JSON's ``calibration_fitted``). A
