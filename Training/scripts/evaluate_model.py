@@ -10,7 +10,7 @@ Where ET_LITERATURE_ML ties with the best ET threshold (validation patients whos
 is far above the thresholds, or absent, cannot tell them apart), the ET rule takes it instead of
 switching off: on a patient without enhancing tumour a few invented voxels cost the whole ET Dice.
 
-``--oof MODEL=CASE,CASE,...`` (repeated) pools out-of-fold predictions instead: each fold's model
+``--oof MODEL:CASE,CASE,...`` (repeated) pools out-of-fold predictions instead: each fold's model
 on the patients it held out (Training/configs/folds.yaml), so ``--cases val`` chooses on all of
 them at once.
 
@@ -108,14 +108,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, nargs="?")
     parser.add_argument("--cases", choices=("val", "test"), required=True)
-    parser.add_argument("--oof", action="append", default=[], metavar="MODEL=CASE,CASE",
+    parser.add_argument("--oof", action="append", default=[], metavar="MODEL:CASE,CASE",
                         help="a fold's model and the patients it held out (repeated; replaces MODEL)")
     parser.add_argument("--root", type=Path, default=Path("../shared/data/brats_samples"))
     parser.add_argument("--post", default=None, help="min_component_ml,et_min_ml (default: the model card's)")
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--cache", type=Path, default=None, help="keep raw predictions here (per model and case)")
     args = parser.parse_args()
-    folds = [(Path(spec.split("=")[0]), spec.split("=")[1].split(",")) for spec in args.oof]
+    folds = [(Path(spec.rsplit(":", 1)[0]), spec.rsplit(":", 1)[1].split(",")) for spec in args.oof]
     if not folds:
         if args.model is None:
             parser.error("give MODEL or --oof")
