@@ -188,7 +188,7 @@ def write_confidence_outputs(path: Path, maps: dict[str, np.ndarray], predicted:
     """
     import SimpleITK as sitk
 
-    from .confidence import DEFAULT_PASSES, LABELS_FROM_PASSES, RANGE_DELTA, volume_ranges
+    from .confidence import LABELS_FROM_PASSES, RANGE_DELTA, volume_ranges
     from .volumes import labels_to_reference
 
     doubt = maps["doubt"]
@@ -203,7 +203,6 @@ def write_confidence_outputs(path: Path, maps: dict[str, np.ndarray], predicted:
     metadata = {
         "file": path.name,
         "meaning": "percent estimate that the written label of each voxel is right",
-        "passes": DEFAULT_PASSES,
         "labels_from_passes": LABELS_FROM_PASSES,
     }
     if conformal is not None:

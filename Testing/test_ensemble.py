@@ -127,3 +127,19 @@ def test_doubt_percent_calibrates_once_and_keeps_the_unpredicted_fill_certain():
     assert conf.passes_for({}) == conf.DEFAULT_PASSES and conf.passes_for({"confidence_passes": 1}) == 1
     with pytest.raises(KANTumorSegError, match="confidence_passes"):
         conf.passes_for({"confidence_passes": 3})
+
+
+def test_export_refuses_members_above_the_shipped_size_and_leaves_the_model_as_it_was(
+        tiny_model: Path, mixed_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import Training.export as export
+
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(tiny_model.with_suffix(suffix), tmp_path / f"main{suffix}")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    card_before = (tmp_path / "main.json").read_text()
+    # The tiny model and its member together are just over this limit.
+    monkeypatch.setattr(export, "MAX_BYTES", (tmp_path / "main.safetensors").stat().st_size + 1)
+    with pytest.raises(ValueError, match="MiB"):
+        export.add_members(tmp_path / "main.safetensors", [mixed_model])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "main.json").read_text() == card_before

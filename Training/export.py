@@ -96,5 +96,9 @@ def add_members(output: Path, members: list[Path]) -> dict:
     files = [output] + [output.with_name(n) for n in names]
     total = sum(f.stat().st_size + f.with_suffix(".json").stat().st_size for f in files)
     if total > MAX_BYTES:
+        # Sizes are known only once written: take the members back, leaving the export as it was.
+        for member_file in files[1:]:
+            member_file.unlink()
+            member_file.with_suffix(".json").unlink()
         raise ValueError(f"the model and its members take {total / 2**20:.1f} MiB, above the {MAX_BYTES / 2**20:.0f} MiB shipped")
     return update_card(output, {CARD_KEY: names})
